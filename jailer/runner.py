@@ -1,0 +1,419 @@
+"""Run one job in a fresh jail: the impure half of the pipeline (needs root).
+
+    profile + job -> plan -> argv (pure, plan.py)
+    -> uid slot, broker socket, cgroup, seccomp fd -> spawn bwrap -> deliver job over the broker
+    -> watch wall / CPU / output / OOM -> result record -> kill the cgroup, remove everything.
+
+A tenant's failure is a value (a status in the Result), never an exception out of `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import prctl
+import trio
+
+from . import seccomp
+from .broker import BrokerLimits, BrokerSession, CallContext, Capability, LogSink, default_providers
+from .cgroup import CgroupBackend, CgroupError, JobCgroup
+from .identity import Identity, IdentityPool, NoFreeIdentity
+from .ndjson import FrameError
+from .plan import HostLayout, bwrap_argv, make_plan, probe_host, runtime_for
+from .profile import Profile
+from .result import Facts, Result, decide, rejected
+
+log = logging.getLogger("jailer.runner")
+
+START_TIMEOUT_S = 10.0  # bwrap + runtime start; far above the ~40 ms it takes, but a loaded host...
+EXIT_GRACE_S = 1.0  # after the runtime said idle, how long its exit may take before we kill it
+
+
+def new_job_id() -> str:
+    return "j-" + secrets.token_hex(8)
+
+
+@dataclass
+class Job:
+    filename: str  # base name, for the runtime (module kind) and stack traces
+    code: str
+    input: Any = None
+    entry: str | None = None  # None: the profile's
+    id: str = field(default_factory=new_job_id)
+
+
+class CappedOutput:
+    """stdout/stderr kept up to a shared byte budget; going over it is the job's output_limit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.chunks: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.truncated = {"stdout": False, "stderr": False}
+
+    def add(self, name: str, data: bytes) -> bool:
+        """Keep what fits; False once the budget is exceeded."""
+        room = self.limit - self.total
+        self.total += len(data)
+        if len(data) > room:
+            self.chunks[name] += data[: max(room, 0)]
+            self.truncated[name] = True
+            return False
+        self.chunks[name] += data
+        return True
+
+    def text(self, name: str) -> str:
+        return self.chunks[name].decode("utf-8", errors="replace")
+
+
+def _launcher(procs_files: tuple[str, ...], uid: int, gid: int, open_files: int, parent: int) -> Callable[[], None]:
+    """preexec_fn for bwrap: join the job's cgroup while still root, then become the slot's uid.
+
+    Runs in the forked child before exec, so every process of the jail is born in the cgroup.
+    """
+
+    def preexec() -> None:
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")  # "0" = the writing process
+            finally:
+                os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        prctl.set_no_new_privs(1)
+        # After setresuid: a credential change clears the parent-death signal. bwrap's
+        # --die-with-parent then chains it down to the payload.
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(111)  # the parent died before pdeathsig was armed
+
+    return preexec
+
+
+class Runner:
+    """Long-lived: host layout, cgroup backend and uid slots are set up once, not per job."""
+
+    def __init__(self, run_dir: str, cgroups: CgroupBackend, identities: IdentityPool,
+                 layout: HostLayout | None = None, providers: dict[str, Capability] | None = None,
+                 broker_limits: BrokerLimits = BrokerLimits()):
+        self.run_dir = run_dir
+        self.jobs_dir = os.path.join(run_dir, "jobs")
+        self.cgroups = cgroups
+        self.identities = identities
+        self.layout = layout or probe_host()
+        self.providers = providers if providers is not None else default_providers()
+        self.broker_limits = broker_limits
+        self.seccomp_bpf = seccomp.compile_filter()  # compiled once; installed in every jail
+        # The jail uids must traverse these to reach their own socket, and list nothing.
+        for d in (run_dir, self.jobs_dir):
+            os.makedirs(d, exist_ok=True)
+            os.chmod(d, 0o711)
+
+    async def run(self, job: Job, profile: Profile, *, cancel: trio.Event | None = None,
+                  queued_ms: float = 0.0) -> Result:
+        try:
+            runtime = runtime_for(profile, job.filename)
+        except ValueError as e:
+            return rejected(job.id, profile.tenant, "invalid_request", str(e))
+        try:
+            ident = self.identities.acquire()
+        except NoFreeIdentity as e:
+            return _internal(job, profile, "no_identity", str(e))
+        try:
+            return await _JobRun(self, job, profile, runtime, ident, cancel, queued_ms).run()
+        finally:
+            ident.release()
+
+
+def _internal(job: Job, profile: Profile, reason: str, message: str) -> Result:
+    return Result(id=job.id, tenant=profile.tenant, status="internal", reason=reason,
+                  error={"type": "InternalError", "message": message, "stack": ""},
+                  profile_digest=profile.digest)
+
+
+class _JobRun:
+    def __init__(self, runner: Runner, job: Job, profile: Profile, runtime: str, ident: Identity,
+                 cancel: trio.Event | None, queued_ms: float):
+        self.r = runner
+        self.job = job
+        self.profile = profile
+        self.runtime = runtime
+        self.ident = ident
+        self.cancel = cancel
+        self.queued_ms = queued_ms
+        self.facts = Facts()
+        self.output = CappedOutput(profile.limits.output_bytes)
+        self.logs = LogSink(profile.limits.log_bytes)
+        self.cg: JobCgroup | None = None
+        self.proc: trio.Process | None = None
+        self.session: BrokerSession | None = None
+        self.cpu_base_ns = 0
+        self.t_spawn = self.t_delivered = self.t_result = None
+
+    def kill(self, reason: str) -> None:
+        """The host's own verdict: first reason wins, the whole cgroup dies at once."""
+        if self.facts.killed_for is None:
+            self.facts.killed_for = reason
+        if self.cg is not None:
+            try:
+                self.cg.kill()
+            except (OSError, CgroupError) as e:
+                log.warning("job %s: cgroup kill failed: %s", self.job.id, e)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def run(self) -> Result:
+        job, lim = self.job, self.profile.limits
+        job_dir = os.path.join(self.r.jobs_dir, job.id)
+        listener = None
+        try:
+            # Our own fresh directory: root-owned, group = the jail's gid, so only this jail's uid
+            # can reach the socket inside. We never touch a jail-writable path by name.
+            os.mkdir(job_dir, 0o750)
+            os.chown(job_dir, 0, self.ident.gid)
+            sock_path = os.path.join(job_dir, "broker.sock")
+            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            await listener.bind(sock_path)
+            os.chmod(sock_path, 0o660)
+            os.chown(sock_path, 0, self.ident.gid)
+            listener.listen(1)
+
+            plan = make_plan(self.profile, self.runtime, sock_path)
+            try:
+                self.cg = self.r.cgroups.create(job.id, plan.cgroup_limits)
+            except CgroupError as e:
+                return _internal(job, self.profile, "cgroup", str(e))  # fail closed
+
+            seccomp_fd = os.memfd_create("jailer-seccomp", os.MFD_CLOEXEC)
+            try:
+                os.write(seccomp_fd, self.r.seccomp_bpf)
+                os.lseek(seccomp_fd, 0, os.SEEK_SET)
+                argv = bwrap_argv(plan, self.r.layout, seccomp_fd)
+                self.t_spawn = time.monotonic()
+                self.proc = await trio.lowlevel.open_process(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env={},  # bwrap's pid-1 keeps this env, readable at /proc/1/environ: nothing
+                    pass_fds=(seccomp_fd,), close_fds=True,
+                    preexec_fn=_launcher(self.cg.procs_files, self.ident.uid, self.ident.gid,
+                                         lim.open_files, os.getpid()),
+                )
+            finally:
+                os.close(seccomp_fd)
+
+            exited = trio.Event()
+
+            async def wait_exit() -> None:
+                await self.proc.wait()
+                exited.set()
+
+            async with trio.open_nursery() as io:
+                io.start_soon(self._read_output, "stdout", self.proc.stdout)
+                io.start_soon(self._read_output, "stderr", self.proc.stderr)
+                io.start_soon(wait_exit)
+                async with trio.open_nursery() as control:
+                    if self.cancel is not None:
+                        control.start_soon(self._watch_cancel)
+                    await self._drive(listener, control, exited)
+                    control.cancel_scope.cancel()
+                # Whatever is still running now (lingering timers, the reaper) goes; the readers
+                # then see EOF. The deadline only matters if a process refuses to die.
+                self.kill_quietly()
+                io.cancel_scope.deadline = trio.current_time() + EXIT_GRACE_S
+            return self._result()
+        except OSError as e:
+            log.exception("job %s: host failure", job.id)
+            return _internal(job, self.profile, "host_error", f"{e.__class__.__name__}: {e}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup(listener, job_dir)
+
+    def kill_quietly(self) -> None:
+        if self.cg is not None:
+            try:
+                self.cg.kill()
+            except (OSError, CgroupError):
+                pass
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def _drive(self, listener: trio.socket.SocketType, nursery: trio.Nursery, exited: trio.Event) -> None:
+        """Start-up, delivery, then wait for result / idle / exit under the wall and CPU limits."""
+        lim = self.profile.limits
+
+        # 1. The shim connects and says hello (or the jail dies trying).
+        with trio.move_on_after(START_TIMEOUT_S) as start_scope:
+            async with trio.open_nursery() as race:
+                async def accept() -> None:
+                    conn, _ = await listener.accept()
+                    self.session = BrokerSession(
+                        trio.SocketStream(conn),
+                        CallContext(self.job.id, self.profile.tenant, self.profile, self.logs),
+                        self.r.providers, self.facts, self.r.broker_limits)
+                    race.cancel_scope.cancel()
+
+                async def died() -> None:
+                    await exited.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(accept)
+                race.start_soon(died)
+        listener.close()  # exactly one connection per jail
+        if self.session is None:
+            if start_scope.cancelled_caught:
+                self.facts.internal = f"the jail did not connect within {START_TIMEOUT_S}s"
+            return
+        try:
+            with trio.fail_after(START_TIMEOUT_S):
+                await self.session.wait_hello()
+        except (FrameError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            self.facts.internal = f"the runtime shim did not say hello: {e}"
+            return
+
+        # 2. Deliver. Accounting starts here so the runtime's own start is not charged.
+        self.cpu_base_ns = self.cg.cpu_ns()
+        job = self.job
+        await self.session.deliver({"id": job.id, "filename": job.filename, "code": job.code,
+                                    "entry": job.entry or self.profile.runtime.entry, "input": job.input})
+        self.t_delivered = time.monotonic()
+        nursery.start_soon(self.session.serve)
+        nursery.start_soon(self._watch_cpu)
+
+        # 3. Wait for the handler to complete (or the script to end) within the wall limit.
+        session = self.session
+        deadline = trio.current_time() + lim.wall_time_s
+        with trio.move_on_at(deadline) as wall:
+            await _first(session.result_event.wait, exited.wait)
+            if self.facts.script_mode:
+                await exited.wait()
+        self.t_result = time.monotonic()
+        if wall.cancelled_caught:
+            self.kill("timeout")
+            return
+        if not exited.is_set():
+            # 4. Linger: pending async work may still run (and throw) briefly, then the runtime
+            # says idle and exits. Past the linger the handler's result stands and the jail dies.
+            with trio.move_on_at(min(deadline, trio.current_time() + lim.linger_s)):
+                await session.idle_event.wait()
+            with trio.move_on_after(EXIT_GRACE_S if session.idle_event.is_set() else 0):
+                await exited.wait()
+        if exited.is_set():
+            # Frames written just before the exit may still be in the socket: read them to EOF.
+            with trio.move_on_after(EXIT_GRACE_S):
+                await session.idle_event.wait()
+
+    async def _watch_cpu(self) -> None:
+        """CPU budget from cgroup accounting (all processes), polled no more often than needed."""
+        lim = self.profile.limits
+        budget = int(lim.cpu_time_s * 1e9)
+        parallel = lim.cpu_cores if lim.cpu_cores > 0 else float(os.cpu_count() or 1)
+        while True:
+            used = self.cg.cpu_ns() - self.cpu_base_ns
+            if used >= budget:
+                self.kill("cpu_limit")
+                return
+            # The soonest the budget could run out, at full speed on every allowed core.
+            await trio.sleep(max(0.005, (budget - used) / 1e9 / parallel))
+
+    async def _watch_cancel(self) -> None:
+        await self.cancel.wait()
+        self.kill("cancelled")
+
+    async def _read_output(self, name: str, stream: trio.abc.ReceiveStream) -> None:
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                if not self.output.add(name, data):
+                    self.kill("output_limit")
+                    return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+
+    def _result(self) -> Result:
+        f = self.facts
+        rc = self.proc.returncode if self.proc is not None else None
+        if rc is not None:
+            if rc < 0:
+                f.exit_signal = -rc
+            elif rc > 128:  # bwrap reports a payload killed by signal N as 128 + N
+                f.exit_signal = rc - 128
+            else:
+                f.exit_code = rc
+        usage = None
+        if self.cg is not None:
+            try:
+                usage = self.cg.usage()
+                f.oom_kills = usage.oom_kills
+            except (OSError, CgroupError) as e:
+                log.warning("job %s: reading cgroup usage failed: %s", self.job.id, e)
+        status, error, reason = decide(f)
+        now = time.monotonic()
+        end = self.t_result or now
+        res = Result(id=self.job.id, tenant=self.profile.tenant, status=status, error=error, reason=reason,
+                     profile_digest=self.profile.digest)
+        if status == "ok" and f.result is not None:
+            res.result = f.result.get("result")
+        res.stdout, res.stderr = self.output.text("stdout"), self.output.text("stderr")
+        res.logs = self.logs.records
+        res.truncated = {**self.output.truncated, "logs": self.logs.truncated}
+        res.exit = {"code": f.exit_code, "signal": f.exit_signal}
+        if usage is not None:
+            res.usage = {
+                "wall_ms": _ms(self.t_delivered, end),
+                "cpu_ms": round(max(0, usage.cpu_ns - self.cpu_base_ns) / 1e6, 3) if self.t_delivered else 0.0,
+                "memory_peak_bytes": usage.memory_peak_bytes,
+            }
+        res.timings = {"queued_ms": round(self.queued_ms, 3), "start_ms": _ms(self.t_spawn, self.t_delivered),
+                       "run_ms": _ms(self.t_delivered, end)}
+        return res
+
+    async def _cleanup(self, listener: Any, job_dir: str) -> None:
+        if listener is not None:
+            listener.close()
+        if self.session is not None:
+            await self.session.stream.aclose()
+        self.kill_quietly()
+        if self.proc is not None:
+            with trio.move_on_after(5):
+                await self.proc.wait()
+            for s in (self.proc.stdout, self.proc.stderr):
+                if s is not None:
+                    await s.aclose()
+        if self.cg is not None:
+            try:
+                await trio.to_thread.run_sync(self.cg.destroy)
+            except (OSError, CgroupError) as e:
+                log.error("job %s: cgroup not removed: %s", self.job.id, e)
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+async def _first(*fns: Callable[[], Any]) -> None:
+    """Return as soon as any of the awaitables completes."""
+    async with trio.open_nursery() as n:
+        for fn in fns:
+            async def one(fn=fn) -> None:
+                await fn()
+                n.cancel_scope.cancel()
+            n.start_soon(one)
+
+
+def _ms(a: float | None, b: float | None) -> float:
+    if a is None or b is None:
+        return 0.0
+    return round((b - a) * 1000, 3)
+
