@@ -198,10 +198,8 @@ class _JobRun:
             except CgroupError as e:
                 return _internal(job, self.profile, "cgroup", str(e))  # fail closed
 
-            seccomp_fd = os.memfd_create("jailer-seccomp", os.MFD_CLOEXEC)
+            seccomp_fd = seccomp.program_fd(self.r.seccomp_bpf)  # sealed memfd, one per jail
             try:
-                os.write(seccomp_fd, self.r.seccomp_bpf)
-                os.lseek(seccomp_fd, 0, os.SEEK_SET)
                 argv = bwrap_argv(plan, self.r.layout, seccomp_fd)
                 self.t_spawn = time.monotonic()
                 self.proc = await trio.lowlevel.open_process(
