@@ -220,7 +220,7 @@ class Profile:
 # validation
 
 
-def _check_value(where: str, f: Field, value: Any) -> tuple[Any, str | None]:
+def check_value(where: str, f: Field, value: Any) -> tuple[Any, str | None]:
     """Return (parsed value, error or None). `where` is "file: section.key"."""
     try:
         if f.kind == "str":
@@ -318,7 +318,7 @@ def _validate_file(path: str, data: dict) -> tuple[dict[str, dict[str, Any]], li
                                                 if s.startswith(section + ".")])
                 errors.append(f"{path}: {sub}: unknown key (known keys in [{section}]: {', '.join(known)})")
                 continue
-            v, err = _check_value(f"{path}: {sub}", f, value)
+            v, err = check_value(f"{path}: {sub}", f, value)
             if err:
                 errors.append(err)
             else:

@@ -118,6 +118,8 @@ class Runner:
         self.providers = providers if providers is not None else default_providers()
         self.broker_limits = broker_limits
         self.seccomp_bpf = seccomp.compile_filter()  # compiled once; installed in every jail
+        # Orphaned jail processes come to us, not to the host's init (see _JobRun.kill_quietly).
+        prctl.set_child_subreaper(1)
         # The jail uids must traverse these to reach their own socket, and list nothing.
         for d in (run_dir, self.jobs_dir):
             os.makedirs(d, exist_ok=True)
@@ -162,19 +164,14 @@ class _JobRun:
         self.proc: trio.Process | None = None
         self.session: BrokerSession | None = None
         self.cpu_base_ns = 0
+        self.orphans: set[int] = set()  # jail processes that may be reparented to us when killed
         self.t_spawn = self.t_delivered = self.t_result = None
 
     def kill(self, reason: str) -> None:
         """The host's own verdict: first reason wins, the whole cgroup dies at once."""
         if self.facts.killed_for is None:
             self.facts.killed_for = reason
-        if self.cg is not None:
-            try:
-                self.cg.kill()
-            except (OSError, CgroupError) as e:
-                log.warning("job %s: cgroup kill failed: %s", self.job.id, e)
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
+        self.kill_quietly()
 
     async def run(self) -> Result:
         job, lim = self.job, self.profile.limits
@@ -242,9 +239,13 @@ class _JobRun:
     def kill_quietly(self) -> None:
         if self.cg is not None:
             try:
+                # Killing bwrap's monitor and the jail's pid 1 together orphans pid 1: note it so
+                # we (a child subreaper) reap it instead of leaving a zombie to the host's init.
+                if self.proc is not None:
+                    self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
                 self.cg.kill()
-            except (OSError, CgroupError):
-                pass
+            except (OSError, CgroupError) as e:
+                log.warning("job %s: cgroup kill failed: %s", self.job.id, e)
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
 
@@ -280,6 +281,10 @@ class _JobRun:
         except (FrameError, trio.TooSlowError, trio.BrokenResourceError) as e:
             self.facts.internal = f"the runtime shim did not say hello: {e}"
             return
+
+        # bwrap's monitor exits as soon as the jail's pid 1 reports the exit code, orphaning pid 1
+        # to us (a child subreaper): remember the jail's processes now so we can reap it.
+        self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
 
         # 2. Deliver. Accounting starts here so the runtime's own start is not charged.
         self.cpu_base_ns = self.cg.cpu_ns()
@@ -397,7 +402,25 @@ class _JobRun:
                 await trio.to_thread.run_sync(self.cg.destroy)
             except (OSError, CgroupError) as e:
                 log.error("job %s: cgroup not removed: %s", self.job.id, e)
+        await _reap(self.orphans)
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+async def _reap(pids: set[int]) -> None:
+    """Reap jail processes reparented to us; only these pids, never trio's own children.
+
+    Called once bwrap's monitor has been reaped (so reparenting is done) and the cgroup is empty;
+    a pid may still be between leaving its cgroup and becoming a zombie: retry briefly.
+    """
+    for pid in pids:
+        for _ in range(1000):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break  # reaped by its own parent, or never ours
+            if done:
+                break
+            await trio.sleep(0.001)
 
 
 async def _first(*fns: Callable[[], Any]) -> None:

@@ -27,5 +27,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def processes_with_uid_in(base, count):
-    out = subprocess.run(["ps", "-eo", "uid=,pid="], capture_output=True, text=True).stdout.split("\n")
-    return [line.split() for line in out if line.strip() and base <= int(line.split()[0]) < base + count]
+    out = subprocess.run(["ps", "-eo", "uid=,pid=,ppid=,stat=,comm="], capture_output=True, text=True).stdout
+    return [line.split()[:2] + [" ".join(line.split()[2:])] for line in out.splitlines()
+            if line.strip() and base <= int(line.split()[0]) < base + count]

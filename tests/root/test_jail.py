@@ -1,0 +1,330 @@
+"""Verdict tests: real bubblewrap, real cgroups, real node and python. Each asserts the exact status.
+
+No timing assertions here (speed is the benchmark's job); the limits below are generous enough for
+a loaded CI machine, and `jail_env` checks that no cgroup or process is left after every test.
+"""
+
+import errno
+import json
+import os
+import subprocess
+
+import pytest
+import trio
+
+from jailer.runner import Job
+
+from ..conftest import processes_with_uid_in
+
+pytestmark = pytest.mark.root
+
+FAST = '[limits]\nwall_time = "10s"\ncpu_time = "5s"\n'
+
+
+# --- the handler contract, both runtimes ---------------------------------------------------------
+
+async def test_node_async_ok(run):
+    r = await run("exports.handler = async (req, m) => { await m.log.info('hi', {a: 1}); "
+                  "console.log('out'); return {sum: req.a + req.b}; };", "h.js", FAST, input={"a": 2, "b": 3})
+    assert r["status"] == "ok", r
+    assert r["result"] == {"sum": 5}
+    assert r["stdout"] == "out\n"
+    assert [(l["level"], l["msg"], l["fields"]) for l in r["logs"]] == [("info", "hi", {"a": 1})]
+    assert r["exit"] == {"code": 0, "signal": None}
+    assert r["profile_digest"].startswith("sha256:")
+    assert r["usage"]["memory_peak_bytes"] > 1 << 20 and r["usage"]["cpu_ms"] >= 0
+
+
+async def test_python_ok(run):
+    r = await run("def handler(request, modules):\n    modules.log.warn('w', k='v')\n    print('out')\n"
+                  "    return {'sum': request['a'] + request['b']}\n", "h.py", FAST, input={"a": 2, "b": 3})
+    assert r["status"] == "ok", r
+    assert r["result"] == {"sum": 5} and r["stdout"] == "out\n"
+    assert [(l["level"], l["msg"], l["fields"]) for l in r["logs"]] == [("warn", "w", {"k": "v"})]
+
+
+async def test_node_esm_ok(run):
+    r = await run("export async function handler(req) { return 'esm'; }", "h.mjs", FAST)
+    assert (r["status"], r["result"]) == ("ok", "esm"), r
+
+
+@pytest.mark.parametrize("code,filename", [
+    ("exports.handler = async () => { throw new TypeError('boom'); };", "h.js"),
+    ("def handler(request, modules):\n    raise TypeError('boom')\n", "h.py"),
+])
+async def test_throw_is_error(run, code, filename):
+    r = await run(code, filename, FAST)
+    assert r["status"] == "error", r
+    assert (r["error"]["type"], r["error"]["message"]) == ("TypeError", "boom")
+    assert "h." in r["error"]["stack"]
+
+
+@pytest.mark.parametrize("code,filename", [
+    ("exports.handler = async () => { return 1 +; };", "h.js"),
+    ("def handler(request, modules):\n    return 1 +\n", "h.py"),
+])
+async def test_syntax_error_is_error(run, code, filename):
+    r = await run(code, filename, FAST)
+    assert r["status"] == "error", r
+    assert r["error"]["type"] == "SyntaxError"
+
+
+async def test_callback_complete_ok(run):
+    r = await run("exports.handler = (req, res, m) => { setTimeout(() => res.complete({n: 42}), 10); };",
+                  "h.js", FAST)
+    assert (r["status"], r["result"]) == ("ok", {"n": 42}), r
+
+
+@pytest.mark.parametrize("code,filename", [
+    ("exports.handler = (req, res, m) => { /* never completes */ };", "h.js"),
+    ("exports.handler = async () => new Promise(() => {});", "h.js"),
+    ("def handler(request, response, modules):\n    pass\n", "h.py"),
+])
+async def test_never_completing_goes_idle_incomplete(run, code, filename):
+    r = await run(code, filename, FAST)
+    assert r["status"] == "incomplete", r
+
+
+async def test_never_resolving_with_live_timer_is_timeout(run):
+    r = await run("exports.handler = async () => { setInterval(() => {}, 50); return new Promise(() => {}); };",
+                  "h.js", '[limits]\nwall_time = "500ms"\ncpu_time = "5s"\n')
+    assert r["status"] == "timeout", r
+    assert r["exit"]["signal"] == 9
+
+
+async def test_throw_in_timer_after_return_is_error(run):
+    r = await run("exports.handler = async () => { setTimeout(() => { throw new RangeError('late'); }, 20); "
+                  "return 'early'; };", "h.js", '[limits]\nwall_time = "10s"\nlinger = "2s"\n')
+    assert r["status"] == "error", r
+    assert (r["error"]["type"], r["error"]["message"]) == ("RangeError", "late")
+
+
+@pytest.mark.parametrize("code,filename,status", [
+    ("console.log('script'); process.exitCode = 0;", "s.js", "ok"),
+    ("print('script')\n", "s.py", "ok"),
+    ("throw new Error('top');", "s.js", "error"),
+    ("import sys\nsys.exit(3)\n", "s.py", "error"),
+])
+async def test_script_mode(run, code, filename, status):
+    r = await run(code, filename, FAST)
+    assert r["status"] == status, r
+
+
+async def test_ungranted_capability_is_clear_error(run):
+    r = await run("exports.handler = async (req, m) => { try { await m.kv.get('k'); return 'no'; } "
+                  "catch (e) { return [e.name, e.message]; } };", "h.js", FAST)
+    assert r["status"] == "ok", r
+    assert r["result"] == ["CapabilityDenied", "capability 'kv' is not granted to tenant 't'"]
+
+
+async def test_secret_granted_and_not(run, tmp_path):
+    secret = tmp_path / "s"
+    secret.write_text("s3cr3t\n")
+    os.chmod(tmp_path, 0o700)  # readable by the host only: the jail uid cannot reach it
+    code = ("def handler(request, modules):\n    out = [modules.secrets.get('API_KEY')]\n"
+            "    try:\n        modules.secrets.get('OTHER')\n    except Exception as e:\n"
+            "        out.append(type(e).__name__)\n    import os\n    out.append(sorted(os.environ))\n"
+            "    return out\n")
+    r = await run(code, "h.py", FAST + f'[capabilities.secrets]\nAPI_KEY = {{ file = "{secret}" }}\n')
+    assert r["status"] == "ok", r
+    assert r["result"] == ["s3cr3t", "CapabilityDenied", ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]]
+
+
+# --- limits ----------------------------------------------------------------------------------------
+
+async def test_busy_loop_cpu_limit(run):
+    r = await run("exports.handler = async () => { while (true) {} };", "h.js",
+                  '[limits]\nwall_time = "20s"\ncpu_time = "300ms"\n')
+    assert r["status"] == "cpu_limit", r
+    assert r["usage"]["cpu_ms"] >= 300
+
+
+async def test_busy_loop_timeout_when_wall_is_shorter(run):
+    r = await run("while True:\n    pass\n", "h.py", '[limits]\nwall_time = "300ms"\ncpu_time = "20s"\n')
+    assert r["status"] == "timeout", r
+
+
+async def test_cpu_counts_all_processes(run):
+    # Two busy children: the budget is the cgroup's, not one process's RLIMIT_CPU.
+    code = ("import os\ndef handler(request, modules):\n    for _ in range(2):\n        if os.fork() == 0:\n"
+            "            while True: pass\n    while True: pass\n")
+    r = await run(code, "h.py", '[limits]\nwall_time = "20s"\ncpu_time = "400ms"\ncpu_cores = 0\n')
+    assert r["status"] == "cpu_limit", r
+
+
+@pytest.mark.parametrize("code,filename", [
+    ("exports.handler = async () => { const a = []; while (true) a.push(Buffer.alloc(1 << 20, 1)); };", "h.js"),
+    ("def handler(request, modules):\n    a = []\n    while True:\n        a.append(b'x' * (1 << 20))\n", "h.py"),
+])
+async def test_memory_bomb_memory_limit(run, code, filename):
+    r = await run(code, filename, FAST + 'memory = "96MiB"\ntmpfs = "1MiB"\n')
+    assert r["status"] == "memory_limit", r
+    assert r["usage"]["memory_peak_bytes"] <= 96 * 2**20
+
+
+async def test_fork_bomb_contained_by_pids(run, jail_env):
+    before = len(os.listdir("/proc"))
+    code = ("import os, time\ndef handler(request, modules):\n    n = 0\n    try:\n        while True:\n"
+            "            if os.fork() == 0:\n                time.sleep(60)\n                os._exit(0)\n"
+            "            n += 1\n    except OSError as e:\n        return [n, e.errno]\n")
+    r = await run(code, "h.py", FAST + "pids = 16\n")
+    assert r["status"] == "ok", r
+    forked, err = r["result"]
+    assert err == errno.EAGAIN and 1 <= forked < 16
+    assert len(os.listdir("/proc")) <= before + 2  # the sleepers died with the jail
+
+
+async def test_real_fork_bomb_ends_and_leaves_nothing(run):
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    r = await run(code, "bomb.py", '[limits]\nwall_time = "1s"\ncpu_time = "20s"\npids = 32\n')
+    assert r["status"] in ("timeout", "cpu_limit"), r  # whichever limit the bomb hits first
+
+
+@pytest.mark.parametrize("code,filename", [
+    ("const b = Buffer.alloc(1 << 20, 97); for (let i = 0; i < 1024; i++) process.stdout.write(b);", "f.js"),
+    ("import sys\nb = b'a' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.buffer.write(b)\n", "f.py"),
+])
+async def test_output_flood_output_limit(run, code, filename):
+    r = await run(code, filename, FAST + 'output = "1MiB"\n')
+    assert r["status"] == "output_limit", r
+    assert r["truncated"]["stdout"] is True
+    assert len(r["stdout"]) == 1 << 20
+
+
+# --- isolation -------------------------------------------------------------------------------------
+
+PROBE = r'''
+import ctypes, errno, json, os, socket, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+def handler(request, modules):
+    out = {}
+    def attempt(name, fn):
+        try:
+            out[name] = ["ok", fn()]
+        except OSError as e:
+            out[name] = ["err", e.errno]
+    def write(path):
+        with open(path, "w") as f:
+            f.write("x")
+    attempt("write_root", lambda: write("/x"))
+    attempt("write_usr", lambda: write("/usr/x"))
+    attempt("write_tmp", lambda: write("/tmp/x"))
+    attempt("shadow", lambda: open("/etc/shadow").read())
+    attempt("home", lambda: os.listdir("/home"))
+    attempt("root_listing", lambda: sorted(os.listdir("/")))
+    attempt("tcp", lambda: socket.create_connection(("127.0.0.1", 22), timeout=1) and "connected")
+    attempt("pid1_environ", lambda: open("/proc/1/environ", "rb").read().decode())
+    def ptrace():
+        if libc.ptrace(0, 0, None, None) != 0:  # PTRACE_TRACEME
+            raise OSError(ctypes.get_errno(), "ptrace")
+        return "traced"
+    attempt("ptrace", ptrace)
+    attempt("unshare_cmd", lambda: subprocess.run(["unshare", "-U", "true"], capture_output=True).returncode)
+    def unshare():
+        if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+            raise OSError(ctypes.get_errno(), "unshare")
+        return "unshared"
+    attempt("unshare_call", unshare)
+    out["uid"] = os.getuid()
+    out["hostname"] = socket.gethostname()
+    out["env"] = dict(os.environ)
+    return out
+'''
+
+
+async def test_isolation_probe(run, monkeypatch):
+    monkeypatch.setenv("JAILER_TEST_HOST_SECRET", "hunter2")  # must not reach the jail in any way
+    r = await run(PROBE, "probe.py", FAST)
+    assert r["status"] == "ok", r
+    p = r["result"]
+    assert p["write_root"] == ["err", errno.EROFS]
+    assert p["write_usr"] == ["err", errno.EROFS]
+    assert p["write_tmp"] == ["ok", None]
+    assert p["shadow"] == ["err", errno.ENOENT]
+    assert p["home"] == ["err", errno.ENOENT]
+    assert p["root_listing"][1] == sorted(["bin", "dev", "lib", "lib64", "opt", "proc", "run", "sbin", "tmp", "usr"])
+    assert p["tcp"] == ["err", errno.EAFNOSUPPORT]
+    assert p["pid1_environ"] == ["ok", ""]
+    assert p["ptrace"] == ["err", errno.EPERM]
+    assert p["unshare_cmd"][0] == "ok" and p["unshare_cmd"][1] != 0
+    assert p["unshare_call"] == ["err", errno.EPERM]
+    assert p["uid"] != 0 and p["hostname"] == "jail"
+    assert sorted(p["env"]) == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]  # PWD: set by bwrap --chdir
+    assert "hunter2" not in json.dumps(r)
+
+
+async def test_fill_tmp_enospc_at_cap(run):
+    code = ("def handler(request, modules):\n    n = 0\n    try:\n        with open('/tmp/fill', 'wb') as f:\n"
+            "            while True:\n                f.write(b'x' * 4096)\n                f.flush()\n"
+            "                n += 4096\n    except OSError as e:\n        return [n, e.errno]\n")
+    r = await run(code, "h.py", FAST + 'tmpfs = "1MiB"\n')
+    assert r["status"] == "ok", r
+    n, err = r["result"]
+    assert err == errno.ENOSPC and (1 << 20) - 65536 <= n <= 1 << 20
+
+
+async def test_jail_uid_seen_from_host_is_not_root(jail_env, profile):
+    code = "exports.handler = async () => { await new Promise(r => setTimeout(r, 1500)); return 1; };"
+    seen = []
+
+    async def watch():
+        base, count = jail_env.identities.base, jail_env.identities.count
+        for _ in range(100):
+            seen.extend(processes_with_uid_in(base, count))
+            if seen:
+                # the same processes, from ps: the jail's node runs as that uid, not 0
+                pids = [p for _, p, _ in seen]
+                out = subprocess.run(["ps", "-o", "uid=,comm=", "-p", ",".join(pids)],
+                                     capture_output=True, text=True).stdout
+                seen.append(out)
+                return
+            await trio.sleep(0.02)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watch)
+        r = await jail_env.run(Job("h.js", code), profile(FAST))
+    assert r.status == "ok"
+    assert seen, "no jail process seen with a uid from the jail range"
+    rows = [line.split() for line in seen[-1].splitlines() if line.strip()]
+    assert rows and all(int(uid) != 0 for uid, _ in rows)
+    assert any(comm in ("node", "bwrap") for _, comm in rows)
+
+
+async def test_each_job_gets_a_fresh_jail(run):
+    w = await run("def handler(request, modules):\n    open('/tmp/marker', 'w').write('1')\n    return 1\n",
+                  "h.py", FAST)
+    r = await run("import os\ndef handler(request, modules):\n    return os.path.exists('/tmp/marker')\n",
+                  "h.py", FAST)
+    assert (w["status"], r["status"], r["result"]) == ("ok", "ok", False)
+
+
+async def test_cancel(jail_env, profile):
+    cancel = trio.Event()
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: trio.sleep(0.3))
+        async def later():
+            await trio.sleep(0.3)
+            cancel.set()
+        n.start_soon(later)
+        r = await jail_env.run(Job("h.py", "import time\ntime.sleep(30)\n"), profile(FAST), cancel=cancel)
+    assert r.status == "cancelled"
+
+
+async def test_cancelled_scope_still_cleans_up(jail_env, profile):
+    with trio.move_on_after(0.3):
+        await jail_env.run(Job("h.py", "import time\ntime.sleep(30)\n"), profile(FAST))
+    # jail_env's teardown asserts no cgroup and no process is left
+
+
+async def test_concurrent_jobs_get_distinct_uids(jail_env, profile):
+    code = "import os, time\ndef handler(request, modules):\n    time.sleep(0.3)\n    return os.getuid()\n"
+    results = []
+
+    async def one():
+        results.append(await jail_env.run(Job("h.py", code), profile(FAST)))
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(one)
+    assert [r.status for r in results] == ["ok"] * 3
+    assert len({r.result for r in results}) == 3
