@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import trio
 
@@ -45,7 +45,8 @@ class LogSink:
 
     LEVELS = ("debug", "info", "warn", "error")
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, on_record: Callable[[dict], None] | None = None):
+        self.on_record = on_record  # the daemon streams records to clients as they arrive
         self.records: list[dict] = []
         self.max_bytes = max_bytes
         self.bytes = 0
@@ -58,6 +59,8 @@ class LogSink:
             return False
         self.bytes += size
         self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
         return True
 
 
@@ -126,7 +129,9 @@ class BrokerSession:
     """One jail's conversation. `facts` is filled in as frames arrive."""
 
     def __init__(self, stream: trio.SocketStream, ctx: CallContext, providers: dict[str, Capability],
-                 facts: Facts, limits: BrokerLimits = BrokerLimits()):
+                 facts: Facts, limits: BrokerLimits = BrokerLimits(),
+                 on_call: Callable[[str, str, bool], None] | None = None):
+        self.on_call = on_call  # (tenant, cap, granted) for metrics
         self.stream = stream
         self.ctx = ctx
         self.providers = providers
@@ -217,7 +222,10 @@ class BrokerSession:
         if not isinstance(cap, str) or not isinstance(method, str) or not isinstance(args, dict):
             await self._reply_error(call_id, "BadCall", "a call needs string cap and method and an object args")
             return
-        if cap not in self.ctx.profile.capabilities.granted() or cap not in self.providers:
+        granted = cap in self.ctx.profile.capabilities.granted() and cap in self.providers
+        if self.on_call is not None:
+            self.on_call(self.ctx.tenant, cap if cap in self.providers else "(unknown)", granted)
+        if not granted:
             await self._reply_error(call_id, "CapabilityDenied",
                                     f"capability {cap[:64]!r} is not granted to tenant {self.ctx.tenant!r}")
             return

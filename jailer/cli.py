@@ -29,6 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--entry", help="entry function name (default: the profile's, usually 'handler')")
     r.add_argument("--json", action="store_true", help="print the result record as one JSON object")
 
+    sv = sub.add_parser("serve", help="the daemon")
+    sv.add_argument("--config", metavar="FILE", help="daemon config (TOML); embedded defaults without it")
+
+    sb = sub.add_parser("submit", help="run one job through the daemon")
+    sb.add_argument("file", help="the tenant's script (.js, .mjs, .cjs or .py)")
+    sb.add_argument("--tenant", required=True)
+    sb.add_argument("--socket", metavar="PATH", help="daemon socket (default $JAILER_SOCKET or /run/jailer/jailer.sock)")
+    si = sb.add_mutually_exclusive_group()
+    si.add_argument("--input", metavar="JSON")
+    si.add_argument("--input-file", metavar="F")
+    sb.add_argument("--entry")
+    sb.add_argument("--json", action="store_true", help="print the result record as one JSON object")
+
     pr = sub.add_parser("profile", help="profile tools")
     prs = pr.add_subparsers(dest="profile_cmd", required=True)
     c = prs.add_parser("check", help="validate profile files; non-zero exit listing every error")
@@ -45,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "serve":
+        return cmd_serve(args)
+    if args.cmd == "submit":
+        return cmd_submit(args)
     if args.cmd == "profile":
         return cmd_profile_check(args.files)
     if args.cmd == "doctor":
@@ -93,16 +110,13 @@ def resolve_profile(args: argparse.Namespace):
     return builtin_defaults()
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import trio
-
-    from .profile import ProfileError
-
+def _read_job_args(args: argparse.Namespace) -> tuple[str, object]:
+    """(code, request) from FILE and --input/--input-file; ValueError with a clear message."""
     try:
         with open(args.file, encoding="utf-8") as f:
             code = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        return _usage_error(f"{args.file}: cannot read: {e}")
+        raise ValueError(f"{args.file}: cannot read: {e}") from None
     try:
         if args.input_file:
             with open(args.input_file, encoding="utf-8") as f:
@@ -110,7 +124,65 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             request = json.loads(args.input) if args.input is not None else {}
     except (OSError, ValueError) as e:
-        return _usage_error(f"--input: not valid JSON: {e}")
+        raise ValueError(f"--input: not valid JSON: {e}") from None
+    return code, request
+
+
+def _print_record(record: dict, as_json: bool) -> int:
+    if as_json:
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        _print_human(record)
+    return EXIT_CODES.get(record.get("status"), EXIT_CODES["internal"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from supervisor.config import load_config
+    from supervisor.daemon import main as serve_main
+
+    from .profile import ProfileError
+
+    if os.geteuid() != 0:
+        return _usage_error("jailer serve needs root (cgroups, per-jail uids)")
+    try:
+        load_config(args.config)
+    except ProfileError as e:
+        for err in e.errors:
+            print(err, file=sys.stderr)
+        return EXIT_USAGE
+    trio.run(serve_main, args.config)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .client import DEFAULT_SOCKET, Client, ClientError
+
+    try:
+        code, request = _read_job_args(args)
+    except ValueError as e:
+        return _usage_error(str(e))
+    try:
+        with Client(args.socket or DEFAULT_SOCKET) as c:
+            record = c.submit(args.tenant, code=code, filename=os.path.basename(args.file), input=request,
+                              entry=args.entry)
+    except ClientError as e:
+        return _usage_error(str(e))
+    except OSError as e:
+        return _usage_error(f"cannot reach the daemon at {args.socket or DEFAULT_SOCKET}: {e}")
+    return _print_record(record, args.json)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from .profile import ProfileError
+
+    try:
+        code, request = _read_job_args(args)
+    except ValueError as e:
+        return _usage_error(str(e))
     try:
         profile = resolve_profile(args)
     except ProfileError as e:
@@ -127,12 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = trio.run(_run_one, job, profile)
     except SetupError as e:
         return _usage_error(str(e))
-    record = result.to_dict()
-    if args.json:
-        sys.stdout.write(json.dumps(record) + "\n")
-    else:
-        _print_human(record)
-    return EXIT_CODES[record["status"]]
+    return _print_record(result.to_dict(), args.json)
 
 
 class SetupError(Exception):
@@ -153,7 +220,13 @@ async def _run_one(job, profile):
     except CgroupError as e:
         raise SetupError(f"cgroups: {e}") from None
     runner = Runner(run_dir, cgroups, IdentityPool(os.path.join(run_dir, "uids")))
-    return await runner.run(job, profile)
+    try:
+        return await runner.run(job, profile)
+    finally:
+        try:
+            cgroups.remove_parent()  # only if empty: another `jailer run` may be using it
+        except (OSError, CgroupError):
+            pass
 
 
 def _print_human(r: dict) -> None:

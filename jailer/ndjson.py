@@ -11,7 +11,15 @@ DEFAULT_MAX_FRAME = 1024 * 1024
 
 
 class FrameError(Exception):
-    """The peer broke the framing: too long, not UTF-8 JSON, or not an object."""
+    """The peer broke the framing: too long, not UTF-8 JSON, or not an object.
+
+    `fatal`: the stream is out of sync (an oversized or unterminated frame) and must be closed;
+    otherwise the bad line was consumed whole and the next frame can be read.
+    """
+
+    def __init__(self, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class FrameReader:
@@ -30,15 +38,15 @@ class FrameReader:
                 del self._buf[: nl + 1]
                 self._scan = 0
                 if len(line) > self._max:
-                    raise FrameError(f"frame of {len(line)} bytes exceeds the {self._max}-byte limit")
+                    raise FrameError(f"frame of {len(line)} bytes exceeds the {self._max}-byte limit", True)
                 return decode(line)
             self._scan = len(self._buf)
             if len(self._buf) > self._max:
-                raise FrameError(f"frame exceeds the {self._max}-byte limit")
+                raise FrameError(f"frame exceeds the {self._max}-byte limit", True)
             data = await self._stream.receive_some(65536)
             if not data:
                 if self._buf:
-                    raise FrameError("connection closed in the middle of a frame")
+                    raise FrameError("connection closed in the middle of a frame", True)
                 return None
             self._buf += data
 

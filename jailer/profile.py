@@ -87,6 +87,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "capabilities": {
         "log": Field("bool", True, "modules.log: structured log records returned in the result"),
+        "custom": Field("list_str", [], "Operator-registered capability providers granted to this tenant"),
     },
     "capabilities.kv": {
         "enabled": Field("bool", False, "modules.kv: the tenant's own key-value data"),
@@ -172,6 +173,7 @@ class HTTP:
 @dataclass(frozen=True)
 class Capabilities:
     log: bool
+    custom: tuple[str, ...]
     kv: KV
     http: HTTP
     secrets: tuple[Secret, ...]
@@ -186,7 +188,7 @@ class Capabilities:
             names.add("http")
         if self.secrets:
             names.add("secrets")
-        return frozenset(names)
+        return frozenset(names | set(self.custom))
 
 
 @dataclass(frozen=True)
@@ -434,6 +436,7 @@ def _build(tenant: str, values: dict[str, dict[str, Any]], sources: tuple[str, .
         ),
         capabilities=Capabilities(
             log=get("capabilities", "log"),
+            custom=tup(get("capabilities", "custom")),
             kv=KV(get("capabilities.kv", "enabled"), get("capabilities.kv", "max_keys"),
                   get("capabilities.kv", "max_bytes"), get("capabilities.kv", "max_value")),
             http=HTTP(tup(get("capabilities.http", "allow")), get("capabilities.http", "timeout"),

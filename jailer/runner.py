@@ -117,6 +117,7 @@ class Runner:
         self.layout = layout or probe_host()
         self.providers = providers if providers is not None else default_providers()
         self.broker_limits = broker_limits
+        self.on_call: Callable[[str, str, bool], None] | None = None  # (tenant, cap, granted): metrics
         self.seccomp_bpf = seccomp.compile_filter()  # compiled once; installed in every jail
         # Orphaned jail processes come to us, not to the host's init (see _JobRun.kill_quietly).
         prctl.set_child_subreaper(1)
@@ -126,9 +127,10 @@ class Runner:
             os.chmod(d, 0o711)
 
     async def run(self, job: Job, profile: Profile, *, cancel: trio.Event | None = None,
-                  queued_ms: float = 0.0) -> Result:
+                  queued_ms: float = 0.0, on_log: Callable[[dict], None] | None = None,
+                  runtime: str | None = None) -> Result:
         try:
-            runtime = runtime_for(profile, job.filename)
+            runtime = runtime or runtime_for(profile, job.filename)
         except ValueError as e:
             return rejected(job.id, profile.tenant, "invalid_request", str(e))
         try:
@@ -136,7 +138,7 @@ class Runner:
         except NoFreeIdentity as e:
             return _internal(job, profile, "no_identity", str(e))
         try:
-            return await _JobRun(self, job, profile, runtime, ident, cancel, queued_ms).run()
+            return await _JobRun(self, job, profile, runtime, ident, cancel, queued_ms, on_log).run()
         finally:
             ident.release()
 
@@ -149,7 +151,7 @@ def _internal(job: Job, profile: Profile, reason: str, message: str) -> Result:
 
 class _JobRun:
     def __init__(self, runner: Runner, job: Job, profile: Profile, runtime: str, ident: Identity,
-                 cancel: trio.Event | None, queued_ms: float):
+                 cancel: trio.Event | None, queued_ms: float, on_log: Callable[[dict], None] | None = None):
         self.r = runner
         self.job = job
         self.profile = profile
@@ -159,7 +161,7 @@ class _JobRun:
         self.queued_ms = queued_ms
         self.facts = Facts()
         self.output = CappedOutput(profile.limits.output_bytes)
-        self.logs = LogSink(profile.limits.log_bytes)
+        self.logs = LogSink(profile.limits.log_bytes, on_log)
         self.cg: JobCgroup | None = None
         self.proc: trio.Process | None = None
         self.session: BrokerSession | None = None
@@ -190,6 +192,11 @@ class _JobRun:
             listener.listen(1)
 
             plan = make_plan(self.profile, self.runtime, sock_path)
+            missing = [b.host for b in plan.ro_binds if not os.path.exists(b.host)]
+            if missing:  # the operator's mistake: say which, rather than a bwrap error
+                return _internal(job, self.profile, "profile_path_missing",
+                                 f"filesystem.ro_paths of tenant {self.profile.tenant!r}: {', '.join(missing)} "
+                                 "does not exist on this host")
             try:
                 self.cg = self.r.cgroups.create(job.id, plan.cgroup_limits)
             except CgroupError as e:
@@ -261,7 +268,7 @@ class _JobRun:
                     self.session = BrokerSession(
                         trio.SocketStream(conn),
                         CallContext(self.job.id, self.profile.tenant, self.profile, self.logs),
-                        self.r.providers, self.facts, self.r.broker_limits)
+                        self.r.providers, self.facts, self.r.broker_limits, self.r.on_call)
                     race.cancel_scope.cancel()
 
                 async def died() -> None:

@@ -27,7 +27,8 @@ def jail_env():
         left_cg = backend.cleanup_stale()
         left_ps = processes_with_uid_in(uid_base, UID_COUNT)
         backend.remove_parent()
-        leftover_dirs = [p for p in _cgroup_dirs(tag)]
+        # v1: <hierarchy>/<tag>; v2: <mount>/<tag> (backend.parent_paths covers both)
+        leftover_dirs = sorted(set(_cgroup_dirs(tag)) | {p for p in backend.parent_paths if os.path.isdir(p)})
         shutil.rmtree(run_dir, ignore_errors=True)
         assert left_cg == [], f"job cgroups left behind: {left_cg}"
         assert left_ps == [], f"jail processes left behind: {left_ps}"
