@@ -269,7 +269,14 @@ class CgroupV1Backend(CgroupBackend):
                 if path in made:
                     continue  # cpu,cpuacct co-mounted
                 try:
-                    self._fs.mkdir(path)
+                    try:
+                        self._fs.mkdir(path)
+                    except FileNotFoundError:
+                        # Another process (a `jailer run` finishing) removed our empty parent
+                        # between ensure_parent() and here: make it again, once.
+                        self._parent_ready = False
+                        self.ensure_parent()
+                        self._fs.mkdir(path)
                 except FileExistsError as exc:
                     raise CgroupError(
                         f"job cgroup {path} already exists: job names must be unique "

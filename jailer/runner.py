@@ -32,6 +32,7 @@ from .ndjson import FrameError
 from .plan import HostLayout, bwrap_argv, make_plan, probe_host, runtime_for
 from .profile import Profile
 from .result import Facts, Result, decide, rejected
+from .spawn import JailProcess, Spawner
 
 log = logging.getLogger("jailer.runner")
 
@@ -119,6 +120,7 @@ class Runner:
         self.broker_limits = broker_limits
         self.on_call: Callable[[str, str, bool], None] | None = None  # (tenant, cap, granted): metrics
         self.seccomp_bpf = seccomp.compile_filter()  # compiled once; installed in every jail
+        self.spawner = Spawner()  # forks from one long-lived thread (PR_SET_PDEATHSIG is per thread)
         # Orphaned jail processes come to us, not to the host's init (see _JobRun.kill_quietly).
         prctl.set_child_subreaper(1)
         # The jail uids must traverse these to reach their own socket, and list nothing.
@@ -163,7 +165,7 @@ class _JobRun:
         self.output = CappedOutput(profile.limits.output_bytes)
         self.logs = LogSink(profile.limits.log_bytes, on_log)
         self.cg: JobCgroup | None = None
-        self.proc: trio.Process | None = None
+        self.proc: JailProcess | None = None
         self.session: BrokerSession | None = None
         self.cpu_base_ns = 0
         self.orphans: set[int] = set()  # jail processes that may be reparented to us when killed
@@ -206,8 +208,8 @@ class _JobRun:
             try:
                 argv = bwrap_argv(plan, self.r.layout, seccomp_fd)
                 self.t_spawn = time.monotonic()
-                self.proc = await trio.lowlevel.open_process(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                self.proc = await self.r.spawner.spawn(
+                    argv, stdin=subprocess.DEVNULL,
                     env={},  # bwrap's pid-1 keeps this env, readable at /proc/1/environ: nothing
                     pass_fds=(seccomp_fd,), close_fds=True,
                     preexec_fn=_launcher(self.cg.procs_files, self.ident.uid, self.ident.gid,
