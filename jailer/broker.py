@@ -172,15 +172,17 @@ class BrokerSession:
         """Read frames until EOF or a protocol error; never raises for the jail's misbehaviour."""
         try:
             async with trio.open_nursery() as nursery:
-                while True:
-                    frame = await self.reader.receive()
-                    if frame is None:
-                        break
-                    await self._on_frame(frame, nursery)
-        except FrameError as e:
-            self.facts.protocol_error = str(e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the jail died or we closed: the exit status tells the rest
+                # Caught inside the nursery: trio wraps what leaves it in an ExceptionGroup.
+                try:
+                    while True:
+                        frame = await self.reader.receive()
+                        if frame is None:
+                            break
+                        await self._on_frame(frame, nursery)
+                except FrameError as e:
+                    self.facts.protocol_error = str(e)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the jail died or we closed: the exit status tells the rest
         finally:
             self.result_event.set()
             self.idle_event.set()

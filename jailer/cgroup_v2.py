@@ -248,8 +248,18 @@ class CgroupV2Backend(CgroupBackend):
                 delegate = self._fs.exists(os.path.join(self.mount, "cgroup.type"))
                 if delegate:
                     self._notes.append("cgroup namespace root: treating it as delegated")
+                    self.delegation = f"cgroup namespace root ({self.mount} has a cgroup.type)"
+                else:
+                    self.delegation = "not delegated: we run in the root cgroup"
             else:
-                delegate = self._is_delegated(base_path)
+                marker = self._delegate_marker(base_path)
+                delegate = marker is not None
+                self.delegation = (
+                    f"{marker}=1 on {base_path}" if marker is not None
+                    else f"not delegated: no trusted.delegate (or user.delegate) xattr on {base_path}"
+                )
+        else:
+            self.delegation = f"delegate={bool(delegate)} given explicitly"
         self.delegated = bool(delegate)
         if self.delegated:
             self.parent_path = base_path
@@ -271,13 +281,20 @@ class CgroupV2Backend(CgroupBackend):
             raise _error("cannot read the cgroup v2 controllers", controllers_file, exc) from exc
         self.missing = [c for c in REQUIRED_CONTROLLERS if c not in self.available]
         if self.missing:
-            where = (
-                "our delegated cgroup: set Delegate=yes (or Delegate=memory pids cpu) in the jailer "
-                "unit, or enable them in every ancestor's cgroup.subtree_control"
-                if self.delegated
-                else "the cgroup2 root: enable the controller in the kernel (e.g. not disabled with "
-                "cgroup_disable=) and make sure no v1 hierarchy holds it"
-            )
+            if self.delegated:
+                above = os.path.dirname(self.parent_path)
+                enabled = self._read_list(os.path.join(above, "cgroup.subtree_control"))
+                where = (
+                    f"our delegated cgroup ({self.delegation}); {above}/cgroup.subtree_control enables "
+                    f"{' '.join(enabled) if enabled else 'nothing'}: set Delegate=yes (or Delegate=memory "
+                    "pids cpu) in the jailer unit, or enable them in every ancestor's cgroup.subtree_control "
+                    f"(echo '{' '.join('+' + c for c in self.missing)}' > {above}/cgroup.subtree_control)"
+                )
+            else:
+                where = (
+                    "the cgroup2 root: enable the controller in the kernel (e.g. not disabled with "
+                    "cgroup_disable=) and make sure no v1 hierarchy holds it"
+                )
             raise CgroupError(
                 f"cgroup v2 controller(s) {', '.join(self.missing)} not available in "
                 f"{controllers_file} ({where}); jailer refuses to run jobs without them"
@@ -288,12 +305,19 @@ class CgroupV2Backend(CgroupBackend):
         rel = cgroup_path.strip("/")
         return os.path.join(self.mount, rel) if rel else self.mount
 
-    def _is_delegated(self, path: str) -> bool:
+    def _delegate_marker(self, path: str) -> str | None:
+        """The name of systemd's delegation xattr set on ``path``, or None."""
         for name in _DELEGATE_XATTRS:
             value = self._fs.getxattr(path, name)
             if value is not None and value.strip() in (b"1", b"yes", b"true"):
-                return True
-        return False
+                return name
+        return None
+
+    def _read_list(self, path: str) -> list[str]:
+        try:
+            return self._fs.read_text(path).split()
+        except OSError:
+            return []
 
     # -- parent set-up -----------------------------------------------------------------------
 
@@ -314,6 +338,17 @@ class CgroupV2Backend(CgroupBackend):
                     f"cannot enable {' '.join('+' + c for c in todo)} in {sc_path}: EBUSY, the cgroup "
                     "holds processes of its own (cgroup v2 'no internal processes' rule); move them "
                     "to a leaf cgroup first"
+                ) from exc
+            if exc.errno == errno.EOPNOTSUPP:
+                # A domain holding processes with a threaded controller (pids, cpu) already enabled
+                # is a thread root: the kernel refuses domain controllers (memory) there, and also
+                # any controller in a cgroup under such a thread root ("domain invalid").
+                kind = self._read_list(os.path.join(path, "cgroup.type"))
+                raise CgroupError(
+                    f"cannot enable {' '.join('+' + c for c in todo)} in {sc_path}: EOPNOTSUPP, its "
+                    f"cgroup.type is '{' '.join(kind) or '?'}' (processes in a cgroup with threaded "
+                    "controllers enabled, or below one); empty it of processes, or disable its threaded "
+                    "controllers, then retry"
                 ) from exc
             if exc.errno in (errno.ENOENT, errno.EINVAL):
                 raise CgroupError(
@@ -345,6 +380,18 @@ class CgroupV2Backend(CgroupBackend):
                 except ProcessLookupError:
                     continue  # exited meanwhile
                 except OSError as exc:
+                    if exc.errno == errno.EOPNOTSUPP:
+                        # Our cgroup holds processes and has a threaded controller (pids, cpu)
+                        # enabled: a thread root, whose domain children ("domain invalid") take no
+                        # processes. Disabling controllers ourselves could strip a live job's limits.
+                        enabled = " ".join(self._read_list(os.path.join(self.parent_path, "cgroup.subtree_control")))
+                        raise CgroupError(
+                            f"cannot move pid {pid} into {self.supervisor_leaf}: EOPNOTSUPP, {self.parent_path} "
+                            f"holds processes with '{enabled}' enabled in its cgroup.subtree_control (a thread "
+                            f"root: its children are 'domain invalid'); write "
+                            f"'{' '.join('-' + c for c in enabled.split())}' to {self.parent_path}/cgroup.subtree_control "
+                            "(or restart the unit) so that jailer can set it up"
+                        ) from exc
                     raise _error(f"cannot move pid {pid} into the supervisor leaf", dst, exc) from exc
         raise CgroupError(f"processes keep appearing in {src}; cannot empty it into {self.supervisor_leaf}")
 
@@ -421,23 +468,65 @@ class CgroupV2Backend(CgroupBackend):
         self._parent_ready = False
 
     def describe(self) -> dict:
-        sc_path = os.path.join(self.parent_path, "cgroup.subtree_control")
-        try:
-            subtree = self._fs.read_text(sc_path).split()
-        except OSError:
-            subtree = []
+        """Reads only. ``pending``: what ``ensure_parent()`` will still do; ``problems``: what will
+        make it fail (each says what to do)."""
+        subtree = self._read_list(os.path.join(self.parent_path, "cgroup.subtree_control"))
+        pending: list[str] = []
+        problems: list[str] = []
+        need = [c for c in REQUIRED_CONTROLLERS if c not in subtree]
+        enable = " ".join("+" + c for c in need)
+        parent_exists = self._fs.exists(os.path.join(self.parent_path, "cgroup.procs"))
+        procs = self._read_list(os.path.join(self.parent_path, "cgroup.procs")) if parent_exists else []
+        kind = " ".join(self._read_list(os.path.join(self.parent_path, "cgroup.type")))
+        if kind in ("domain threaded", "domain invalid", "threaded"):
+            threaded = [c for c in subtree if c in ("cpu", "cpuset", "perf_event", "pids")]
+            problems.append(
+                f"{self.parent_path} is '{kind}' (a thread root, or inside one: processes in a cgroup "
+                "with threaded controllers enabled): memory cannot be enabled there, nor processes "
+                "moved below it; "
+                + (f"write '{' '.join('-' + c for c in threaded)}' to {self.parent_path}/cgroup.subtree_control"
+                   if kind == "domain threaded" and threaded else "use another cgroup")
+                + " (or restart the unit)"
+            )
+        if self.delegated:
+            if procs:
+                pending.append(
+                    f"move {len(procs)} process(es) of {self.parent_path} into {self.supervisor_leaf}"
+                )
+            if need:
+                pending.append(f"enable {enable} in {self.parent_path}/cgroup.subtree_control")
+        else:
+            root_sc = self._read_list(os.path.join(self.mount, "cgroup.subtree_control"))
+            root_need = [c for c in REQUIRED_CONTROLLERS if c not in root_sc]
+            if root_need:
+                pending.append(
+                    f"enable {' '.join('+' + c for c in root_need)} in {self.mount}/cgroup.subtree_control"
+                )
+            if not parent_exists:
+                pending.append(f"create {self.parent_path}")
+            if need:
+                pending.append(f"enable {enable} in {self.parent_path}/cgroup.subtree_control")
+            if procs and need:
+                problems.append(
+                    f"{self.parent_path} holds processes ({' '.join(procs[:5])}{' ...' if len(procs) > 5 else ''}): "
+                    "enabling its controllers will fail with EBUSY; move them out or choose another parent"
+                )
         return {
             "version": 2,
             "mount": self.mount,
             "own_cgroup": self.own_cgroup,
             "mode": "delegated" if self.delegated else "root",
             "delegated": self.delegated,
+            "delegation": self.delegation,
             "parent_paths": list(self.parent_paths),
             "supervisor_leaf": self.supervisor_leaf,
             "controllers_available": list(self.available),
             "controllers_required": list(REQUIRED_CONTROLLERS),
             "controllers_missing": list(self.missing),
+            "parent_exists": parent_exists,
             "subtree_control": subtree,
+            "pending": pending,
+            "problems": problems,
             "swap_enabled": self._swap,
             "notes": list(self._notes),
         }

@@ -83,10 +83,58 @@ def check_cgroups() -> list[Check]:
     try:
         backend = detect(os.environ.get("JAILER_CGROUP_PARENT", "jailer"))
     except CgroupError as e:
-        return [Check("cgroups", False, str(e), "see docs/cgroups.md")]
+        return [Check("cgroups", False, str(e), "see docs/cgroups.md (Fail closed, Delegation under systemd)")]
     d = backend.describe()
-    detail = f"cgroup v{backend.version}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "version")
-    return [Check("cgroups", True, detail)]
+    if d["version"] == 1:
+        hier = ", ".join(f"{c} {p}" for c, p in d["hierarchies"].items())
+        checks = [
+            Check("cgroups", True, f"cgroup v1 (legacy/hybrid): {hier}"),
+            Check("cgroup placement", True,
+                  f"jobs are <hierarchy>/{os.path.basename(d['parent_paths'][0])}/<job> in "
+                  f"{len(d['parent_paths'])} hierarchies: {', '.join(d['parent_paths'])}"),
+        ]
+        return checks + [Check("cgroup note", True, n, required=False) for n in d["notes"]]
+    # v2
+    available = " ".join(d["controllers_available"])
+    checks = [
+        Check("cgroups", True,
+              f"cgroup v2 at {d['mount']}; required {' '.join(d['controllers_required'])} available "
+              f"(cgroup.controllers: {available}); our cgroup {d['own_cgroup']}"),
+    ]
+    parent = d["parent_paths"][0]
+    if d["delegated"]:
+        checks.append(Check(
+            "cgroup delegation", True,
+            f"delegated ({d['delegation']}): the daemon moves into {d['supervisor_leaf']}, "
+            f"jobs are {parent}/<job>, siblings of it"))
+    elif d["own_cgroup"] == "/":
+        checks.append(Check(
+            "cgroup delegation", True,
+            f"root mode ({d['delegation']}): jobs are {parent}/<job>"))
+    else:
+        checks.append(Check(
+            "cgroup delegation", False,
+            f"{d['delegation']}; jobs would go to {parent}/<job>, outside our own cgroup {d['own_cgroup']} "
+            "(systemd neither accounts nor stops them with the unit)",
+            "under systemd: Delegate=yes in the jailer unit (systemd marks its cgroup with the "
+            "trusted.delegate xattr); elsewhere: start the daemon in the root cgroup, or in a cgroup of "
+            f"its own marked with (package attr): setfattr -n trusted.delegate -v 1 {d['mount']}{d['own_cgroup']}",
+            required=False))
+    enabled = " ".join(d["subtree_control"]) or "nothing"
+    if not d["parent_exists"]:
+        checks.append(Check("cgroup set-up", True,
+                            f"{parent} does not exist yet; at start the daemon will: " + "; ".join(d["pending"])))
+    elif d["pending"]:
+        checks.append(Check("cgroup set-up", True,
+                            f"{parent}/cgroup.subtree_control enables {enabled}; at start the daemon will: "
+                            + "; ".join(d["pending"])))
+    else:
+        checks.append(Check("cgroup set-up", True, f"{parent}/cgroup.subtree_control enables {enabled}: ready"))
+    for problem in d["problems"]:
+        checks.append(Check("cgroup set-up", False, problem, "see docs/cgroups.md"))
+    if d["swap_enabled"]:
+        checks.append(Check("cgroup swap", True, "swap is on; jobs get memory.swap.max = 0", required=False))
+    return checks
 
 
 def check_seccomp() -> Check:

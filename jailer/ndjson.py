@@ -51,15 +51,24 @@ class FrameReader:
             self._buf += data
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode(line: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise FrameError(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise FrameError("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise FrameError(f"a frame must be a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate from a peer: keep it escaped
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"

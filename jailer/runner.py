@@ -298,8 +298,11 @@ class _JobRun:
         # 2. Deliver. Accounting starts here so the runtime's own start is not charged.
         self.cpu_base_ns = self.cg.cpu_ns()
         job = self.job
-        await self.session.deliver({"id": job.id, "filename": job.filename, "code": job.code,
-                                    "entry": job.entry or self.profile.runtime.entry, "input": job.input})
+        try:
+            await self.session.deliver({"id": job.id, "filename": job.filename, "code": job.code,
+                                        "entry": job.entry or self.profile.runtime.entry, "input": job.input})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # killed meanwhile (cancel) or died after hello: the facts and exit status decide
         self.t_delivered = time.monotonic()
         nursery.start_soon(self.session.serve)
         nursery.start_soon(self._watch_cpu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -32,7 +33,10 @@ def parse_size(value: object) -> int:
     if not m:
         raise UnitError(f"expected a size like \"128MiB\", got {value!r}")
     number, unit = m.groups()
-    return int(float(number) * _SIZE_FACTORS[(unit or "b").lower()])
+    size = float(number) * _SIZE_FACTORS[(unit or "b").lower()]
+    if not math.isfinite(size):
+        raise UnitError(f"size {value[:40]!r} is too large")
+    return int(size)
 
 
 def parse_duration(value: object) -> float:

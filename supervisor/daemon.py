@@ -325,7 +325,11 @@ class Daemon:
         if "code" in req:
             code = req["code"]
             filename = req.get("filename", "handler.js" if req.get("runtime") != "python" else "handler.py")
-            if not isinstance(code, str) or len(code.encode()) > MAX_CODE_BYTES:
+            try:
+                too_big = not isinstance(code, str) or len(code.encode()) > MAX_CODE_BYTES
+            except UnicodeEncodeError:
+                raise BadRequest("submit: field 'code' is not valid Unicode (a lone surrogate)") from None
+            if too_big:
                 raise BadRequest(f"submit: field 'code' must be a string of at most {MAX_CODE_BYTES} bytes")
             if not isinstance(filename, str) or not FILENAME_RE.match(filename) or filename.startswith("."):
                 raise BadRequest("submit: field 'filename' must be a plain file name like 'handler.js'")

@@ -136,7 +136,7 @@ async def handle_connection(daemon: Daemon, stream: trio.SocketStream) -> None:
                     try:
                         frame = await reader.receive()
                     except FrameError as e:
-                        await conn.error(None, "frame_too_large" if "limit" in str(e) else "invalid_frame", str(e))
+                        await conn.error(None, "frame_too_large" if e.fatal and "limit" in str(e) else "invalid_frame", str(e))
                         if e.fatal:
                             lost = True  # framing lost: no way to find the next frame
                             break

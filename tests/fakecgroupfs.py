@@ -24,6 +24,12 @@ Modelled:
   thread root); [SRC cgroup_migrate_vet_dst] moving a process into a non-root cgroup that has
   controllers in its subtree_control -> EBUSY unless it can be a thread root (only threaded
   controllers enabled and no populated child). The root cgroup is exempt (mixable).
+- [DOC 2-2-2, SRC cgroup_is_thread_root/cgroup_is_valid_domain] a non-root domain that has
+  processes AND threaded controllers (cpu, pids, ...) in its subtree_control is a *thread root*:
+  its cgroup.type reads "domain threaded", enabling a domain controller (memory) in it is
+  EOPNOTSUPP (not EBUSY), and its domain children read "domain invalid": moving a process into
+  them, or enabling any controller in them, is EOPNOTSUPP. It becomes a plain domain again when
+  its processes leave or the threaded controllers are disabled.
 - [SRC cgroup_rmdir/cgroup_destroy_locked] rmdir of a populated cgroup or one with child cgroups
   -> EBUSY; of the root -> EBUSY.
 - [DOC 4-3] core files on every non-root cgroup: cgroup.type ("domain"), cgroup.procs,
@@ -33,24 +39,41 @@ Modelled:
   cgroup.events, cgroup.freeze, cgroup.kill nor any controller's limit file (CFTYPE_NOT_ON_ROOT);
   ``namespace_root=True`` makes the root look like a cgroup-namespace root (a non-root cgroup).
 - [DOC 4-3 cgroup.kill, SRC cgroup_kill_write] write-only ("1"): SIGKILLs every process of the
-  cgroup and its descendants; "0"/"2" -> ERANGE, non-integer -> EINVAL; reading -> EACCES
-  ([SRC kernfs_fop_open]: a file without a show op cannot be opened for reading).
-- [SRC kernfs_fop_open] writing a read-only interface file (memory.current, ...) -> EACCES.
+  cgroup and its descendants; "0"/"2" -> ERANGE, non-integer -> EINVAL. The real kernel clears
+  ``populated`` when the killed tasks exit (about 0.5 ms later, before they are reaped: an unreaped
+  zombie does not keep a cgroup populated, nor block its rmdir); the fake does it at once.
+- The fake models a **root** writer (CAP_DAC_OVERRIDE, as the daemon runs): every cgroup file
+  uses kernfs ops with both a show and a write method, so the open always succeeds and
+  [SRC cgroup_seqfile_show] reading a write-only file (cgroup.kill, memory.reclaim) -> EINVAL;
+  [SRC cgroup_file_write] writing a read-only file (memory.current, cgroup.events, cpu.stat, ...)
+  -> EINVAL. (A non-root writer would get EACCES from the mode bits; not modelled.)
+- [SRC cgroup_procs_write_start] cgroup.procs: a non-integer or negative pid -> EINVAL; an unknown
+  pid -> ESRCH. [SRC cgroup_freeze_write] cgroup.freeze: non-integer -> EINVAL, not 0/1 -> ERANGE.
+  [SRC cpu_weight_write] cpu.weight: non-integer -> EINVAL, outside 1..10000 -> ERANGE.
+- Empty cgroup.subtree_control / cgroup.controllers read as "" (no newline).
 - [DOC 5-2-1, SRC page_counter_memparse/memparse] memory.max/high/low/min/swap.max accept "max"
   or a number with an optional K/M/G/T/P/E suffix; anything else -> EINVAL; the value is stored
   in pages (rounded down to 4096) and read back as bytes; default "max".
   memory.events: "low high max oom oom_kill oom_group_kill" counters, hierarchical;
   memory.events.local: the same, this cgroup only. memory.peak: high-water mark of memory.current
   (5.19+; ``has_peak=False`` models an older kernel). memory.swap.* exist only with swap
-  accounting (``swap_accounting=True``).
-- [DOC 5-4-1, SRC pids_max_write] pids.max: "max" or an integer 0 <= n < PID_MAX_LIMIT+1 else
-  EINVAL; pids.current counts the tasks of the cgroup and its descendants.
-- [DOC 5-1-1, SRC cpu_max_write/tg_set_cfs_bandwidth] cpu.max "$MAX [$PERIOD]", MAX "max" or
-  microseconds; period 1000..1000000 us and quota >= 1000 us else EINVAL; default "max 100000".
+  accounting (``swap_accounting=True``); memory.swap.peak is 6.5+ and not modelled.
+- [DOC 5-4-1, SRC pids_max_write] pids.max: "max" or an integer 0 <= n < PID_MAX_LIMIT+1 (any
+  base, kstrtoll: "0x10" is stored and read back as "16") else EINVAL; pids.current counts the
+  tasks of the cgroup and its descendants; pids.peak their high-water mark.
+- [DOC 5-1-1, SRC cpu_max_write/cpu_period_quota_parse/tg_set_cfs_bandwidth] cpu.max
+  "$MAX [$PERIOD]" parsed with sscanf("%20s %llu"): MAX "max" or microseconds (leading digits:
+  "1500abc" is 1500), a missing or non-numeric PERIOD keeps the current one, anything after the
+  period is ignored; period 1000..1000000 us and quota >= 1000 us else EINVAL; default
+  "max 100000".
+- The file set is Linux 6.1's (checked against the real kernel in the UML guest, see
+  docs/cgroups.md): children also have cpu.idle, memory.reclaim (write-only), memory.swap.high,
+  memory.zswap.current/max (CONFIG_ZSWAP), pids.peak; the real root has the root-visible files
+  of its controllers (cpu.stat, io.stat, memory.stat, memory.reclaim).
 - [DOC 2-5, systemd docs/CGROUP_DELEGATION.md] xattrs (``trusted.delegate``) via ``set_xattr``.
 
-Not modelled: threaded cgroups (cgroup.type writes), permissions/delegation checks for non-root
-writers, cgroup.max.depth/descendants, io/rdma/misc/hugetlb limit files, PSI files.
+Not modelled: threaded cgroups (writes to cgroup.type, threaded children; only the implicit
+thread root above is), permissions/delegation checks for non-root writers, cgroup.max.depth/descendants, io/rdma/misc/hugetlb limit files, PSI files.
 
 Test hooks (not part of CgroupFS): ``add_process``, ``exit_process``, ``set_cpu_usage``,
 ``set_memory``, ``trigger_oom``, ``set_xattr``, ``make_unkillable``, ``cgroup_of``, ``ops`` (a log of
@@ -79,8 +102,29 @@ _MEM_FILES_RO = ("memory.current", "memory.events", "memory.events.local", "memo
 _EVENT_KEYS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")
 
 
+_MEMPARSE_FILES = (
+    "memory.min", "memory.low", "memory.high", "memory.max", "memory.swap.max", "memory.swap.high",
+    "memory.zswap.max",
+)
+
+
 def _oserror(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
+
+
+def _kstrtoint(text: str, path: str) -> int:
+    """kstrtoint(s, 0, ...): an integer in any base (0x.., 0..), else EINVAL."""
+    m = re.fullmatch(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if not m:
+        raise _oserror(errno.EINVAL, path)
+    digits = m.group(2)
+    base = 16 if digits[:2].lower() == "0x" else 8 if digits.startswith("0") else 10
+    return int(m.group(1) + (digits[2:] if base == 16 else digits), base)
+
+
+def _mask_text(names: list[str]) -> str:
+    """cgroup_print_ss_mask(): names separated by spaces, a newline only if any was printed."""
+    return " ".join(names) + "\n" if names else ""
 
 
 def _memparse(text: str) -> int:
@@ -108,6 +152,7 @@ class _Node:
         self.cpu_usage_usec = 0
         self.memory_bytes = 0  # own charge; memory.current is hierarchical
         self.memory_peak = 0
+        self.pids_peak = 0
         self.events = dict.fromkeys(_EVENT_KEYS, 0)
         self.events_local = dict.fromkeys(_EVENT_KEYS, 0)
 
@@ -207,6 +252,13 @@ class FakeCgroup2FS:
             "cpu.stat": "r",
         }
         if self._is_root(node):
+            # the root-visible files of the controllers (the rest are CFTYPE_NOT_ON_ROOT)
+            if "io" in self.controllers:
+                files["io.stat"] = "r"
+            if "memory" in self.controllers:
+                files["memory.stat"] = "r"
+                if self.has_peak:  # memory.reclaim came with memory.peak (5.19)
+                    files["memory.reclaim"] = "w"
             return files
         files.update({"cgroup.type": "rw", "cgroup.events": "r", "cgroup.freeze": "rw"})
         if self.has_kill:
@@ -217,14 +269,16 @@ class FakeCgroup2FS:
             files.update(dict.fromkeys(_MEM_FILES_RO, "r"))
             if self.has_peak:
                 files["memory.peak"] = "r"
+                files["memory.reclaim"] = "w"
+                files.update({"memory.zswap.current": "r", "memory.zswap.max": "rw"})
             if self.swap_accounting:
-                files.update({"memory.swap.current": "r", "memory.swap.max": "rw", "memory.swap.events": "r"})
-                if self.has_peak:
-                    files["memory.swap.peak"] = "r"
+                files.update({"memory.swap.current": "r", "memory.swap.high": "rw", "memory.swap.max": "rw",
+                              "memory.swap.events": "r"})
         if "pids" in enabled:
-            files.update({"pids.max": "rw", "pids.current": "r", "pids.events": "r"})
+            files.update({"pids.max": "rw", "pids.current": "r", "pids.events": "r", "pids.peak": "r"})
         if "cpu" in enabled:
-            files.update({"cpu.max": "rw", "cpu.max.burst": "rw", "cpu.weight": "rw", "cpu.weight.nice": "rw"})
+            files.update({"cpu.max": "rw", "cpu.max.burst": "rw", "cpu.weight": "rw", "cpu.weight.nice": "rw",
+                          "cpu.idle": "rw"})
         return files
 
     @staticmethod
@@ -235,12 +289,15 @@ class FakeCgroup2FS:
             "memory.high": "max",
             "memory.max": "max",
             "memory.swap.max": "max",
+            "memory.swap.high": "max",
+            "memory.zswap.max": "max",
             "memory.oom.group": "0",
             "pids.max": "max",
             "cpu.max": "max 100000",
             "cpu.max.burst": "0",
             "cpu.weight": "100",
             "cpu.weight.nice": "0",
+            "cpu.idle": "0",
         }.get(fname, "")
 
     # ------------------------------------------------------------------ CgroupFS interface
@@ -287,7 +344,7 @@ class FakeCgroup2FS:
         if fname is None:
             raise _oserror(errno.EISDIR, path)
         if "r" not in self._files(node)[fname]:
-            raise _oserror(errno.EACCES, path)
+            raise _oserror(errno.EINVAL, path)  # cgroup_seqfile_show(): no show method
         return self._show(node, fname)
 
     def write_text(self, path: str, text: str) -> None:
@@ -295,7 +352,7 @@ class FakeCgroup2FS:
         if fname is None:
             raise _oserror(errno.EISDIR, path)
         if "w" not in self._files(node)[fname]:
-            raise _oserror(errno.EACCES, path)
+            raise _oserror(errno.EINVAL, path)  # cgroup_file_write(): no write method
         self._store(node, fname, text, path)
         self.ops.append(("write", os.path.normpath(path), text))
 
@@ -308,15 +365,17 @@ class FakeCgroup2FS:
         if fname == "cgroup.procs" or fname == "cgroup.threads":
             return "".join(f"{p}\n" for p in node.procs)
         if fname == "cgroup.controllers":
-            return " ".join(self._controllers_of(node)) + "\n"
+            return _mask_text(self._controllers_of(node))
         if fname == "cgroup.subtree_control":
-            return " ".join(c for c in CONTROLLER_ORDER if c in node.subtree_control) + "\n"
+            return _mask_text([c for c in CONTROLLER_ORDER if c in node.subtree_control])
         if fname == "cgroup.events":
             return f"populated {int(node.populated())}\nfrozen {node.freeze}\n"
         if fname == "cgroup.freeze":
             return f"{node.freeze}\n"
         if fname == "cgroup.type":
-            return "domain\n"
+            if not self._is_valid_domain(node):
+                return "domain invalid\n"
+            return "domain threaded\n" if self._is_thread_root(node) else "domain\n"
         if fname == "cgroup.stat":
             n = sum(1 for _ in node.walk()) - 1
             return f"nr_descendants {n}\nnr_dying_descendants 0\n"
@@ -338,7 +397,7 @@ class FakeCgroup2FS:
             return self._events(node.events_local)
         if fname == "memory.stat":
             return f"anon {sum(n.memory_bytes for n in node.walk())}\nfile 0\n"
-        if fname in ("memory.swap.current", "memory.swap.peak"):
+        if fname in ("memory.swap.current", "memory.zswap.current"):
             return "0\n"
         if fname == "memory.swap.events":
             return "high 0\nmax 0\nfail 0\n"
@@ -346,8 +405,10 @@ class FakeCgroup2FS:
             return f"{sum(len(n.procs) for n in node.walk())}\n"
         if fname == "pids.events":
             return "max 0\n"
+        if fname == "pids.peak":
+            return f"{node.pids_peak}\n"
         value = node.values.get(fname, self._defaults(fname))
-        if fname in ("memory.min", "memory.low", "memory.high", "memory.max", "memory.swap.max"):
+        if fname in _MEMPARSE_FILES:
             if value == "max" or int(value) == PAGE_COUNTER_MAX:
                 return "max\n"
             return f"{int(value) * PAGE_SIZE}\n"
@@ -361,16 +422,20 @@ class FakeCgroup2FS:
                 pid = int(s)
             except ValueError:
                 raise einval from None
+            if pid < 0:
+                raise einval
             if pid == 0:
                 pid = self.self_pid
             if pid not in self.pid_cgroup:
                 raise _oserror(errno.ESRCH, path)
-            if not self._can_host_processes(node):
-                raise _oserror(errno.EBUSY, path)
+            code = self._migrate_vet_dst(node)
+            if code:
+                raise _oserror(code, path)
             old = self.pid_cgroup[pid]
             old.procs.remove(pid)
             node.procs.append(pid)
             self.pid_cgroup[pid] = node
+            self._update_pids_peak(node)
             return
         if fname == "cgroup.subtree_control":
             self._write_subtree_control(node, s, path)
@@ -390,11 +455,18 @@ class FakeCgroup2FS:
                     self.killed.append(pid)
             return
         if fname == "cgroup.freeze":
-            if s not in ("0", "1"):
-                raise einval
-            node.freeze = int(s)
+            value = _kstrtoint(s, path)
+            if value not in (0, 1):
+                raise _oserror(errno.ERANGE, path)
+            node.freeze = value
             return
-        if fname in ("memory.min", "memory.low", "memory.high", "memory.max", "memory.swap.max"):
+        if fname == "memory.reclaim":
+            try:
+                _memparse(s)
+            except ValueError:
+                raise einval from None
+            return
+        if fname in _MEMPARSE_FILES:
             try:
                 node.values[fname] = str(_memparse(s))
             except ValueError:
@@ -407,27 +479,26 @@ class FakeCgroup2FS:
             return
         if fname == "pids.max":
             if s != "max":
-                try:
-                    limit = int(s, 0)
-                except ValueError:
-                    raise einval from None
+                limit = _kstrtoint(s, path)
                 if limit < 0 or limit >= PIDS_MAX_LIMIT:
                     raise einval
+                s = str(limit)  # stored as a number: "0x10" reads back as "16"
             node.values[fname] = s
             return
         if fname == "cpu.max":
+            # cpu_period_quota_parse(): sscanf(buf, "%20s %llu", tok, &period) < 1 -> EINVAL, so a
+            # missing or non-numeric period keeps the current one and trailing text is ignored;
+            # then sscanf(tok, "%llu") takes the leading digits of the quota, else "max".
             toks = s.split()
-            if not toks or len(toks) > 2:
+            if not toks:
                 raise einval
             period = int(node.values.get(fname, self._defaults(fname)).split()[1])
-            if len(toks) == 2:
-                if not toks[1].isdigit():
-                    raise einval
-                period = int(toks[1])
-            if toks[0] == "max":
+            if len(toks) >= 2 and (m := re.match(r"\d+", toks[1])):
+                period = int(m.group())
+            if m := re.match(r"\d+", toks[0][:20]):
+                quota: int | None = int(m.group())
+            elif toks[0][:20] == "max":
                 quota = None
-            elif toks[0].isdigit():
-                quota = int(toks[0])
             else:
                 raise einval
             if period < 1000 or period > 1_000_000 or (quota is not None and quota < 1000):
@@ -435,19 +506,33 @@ class FakeCgroup2FS:
             node.values[fname] = f"{'max' if quota is None else quota} {period}"
             return
         if fname == "cpu.weight":
-            if not s.isdigit() or not 1 <= int(s) <= 10000:
-                raise einval
-            node.values[fname] = s
+            if not 1 <= _kstrtoint(s, path) <= 10000:
+                raise _oserror(errno.ERANGE, path)
+            node.values[fname] = str(int(s))
             return
         node.values[fname] = s  # other rw files: accepted as is (not modelled further)
 
-    def _can_host_processes(self, node: _Node) -> bool:
-        """cgroup_migrate_vet_dst(): the no-internal-processes rule for migrations."""
-        if self._is_root(node):
-            return True
+    def _migrate_vet_dst(self, node: _Node) -> int:
+        """cgroup_migrate_vet_dst(): 0 if a process may move into ``node``, else the errno."""
+        if not self._is_valid_domain(node):
+            return errno.EOPNOTSUPP
         if self._can_be_thread_root(node):
-            return True
-        return not node.subtree_control
+            return 0
+        return errno.EBUSY if node.subtree_control else 0
+
+    def _is_thread_root(self, node: _Node) -> bool:
+        """cgroup_is_thread_root(): a domain with processes and threaded controllers enabled
+        (threaded children, the other way to become one, are not modelled)."""
+        return bool(node.procs) and bool(node.subtree_control & THREADED_CONTROLLERS)
+
+    def _is_valid_domain(self, node: _Node) -> bool:
+        """cgroup_is_valid_domain(): no non-root ancestor is a thread root."""
+        n = node.parent
+        while n is not None:
+            if not self._is_root(n) and self._is_thread_root(n):
+                return False
+            n = n.parent
+        return True
 
     def _can_be_thread_root(self, node: _Node) -> bool:
         if self._is_root(node):
@@ -478,8 +563,12 @@ class FakeCgroup2FS:
             if child.subtree_control & disable:
                 raise _oserror(errno.EBUSY, path)
         # cgroup_vet_subtree_control_enable()
+        if enable and not self._is_valid_domain(node):
+            raise _oserror(errno.EOPNOTSUPP, path)
         if enable and not self._is_root(node):
             domain_enable = enable - THREADED_CONTROLLERS
+            if domain_enable and self._is_thread_root(node):
+                raise _oserror(errno.EOPNOTSUPP, path)
             if not domain_enable and self._can_be_thread_root(node):
                 pass
             elif node.procs:
@@ -518,7 +607,14 @@ class FakeCgroup2FS:
         pid = next(self._pids) if pid is None else pid
         node.procs.append(pid)
         self.pid_cgroup[pid] = node
+        self._update_pids_peak(node)
         return pid
+
+    def _update_pids_peak(self, node: _Node) -> None:
+        n: _Node | None = node
+        while n is not None:
+            n.pids_peak = max(n.pids_peak, sum(len(x.procs) for x in n.walk()))
+            n = n.parent
 
     def exit_process(self, pid: int) -> None:
         node = self.pid_cgroup.pop(pid)

@@ -189,6 +189,59 @@ def test_enabling_controllers_without_the_leaf_move_is_ebusy(tmp_path):
     backend.ensure_parent()
 
 
+def test_delegated_thread_root_is_explained(tmp_path):
+    # the unit's cgroup holds processes and someone enabled +pids there: a thread root
+    fake = FakeCgroup2FS()
+    unit, _ = _systemd_tree(fake)
+    fake.write_text(f"{M}{unit}/cgroup.subtree_control", "+pids")
+    backend = _detect(tmp_path, fake, own=unit)
+    d = backend.describe()
+    assert any("'domain threaded'" in p for p in d["problems"])
+    with pytest.raises(CgroupError, match=r"EOPNOTSUPP.*'pids' enabled.*write '-pids' to"):
+        backend.ensure_parent()
+
+
+def test_enable_controllers_in_a_thread_root_is_explained(tmp_path):
+    fake = FakeCgroup2FS()
+    unit, _ = _systemd_tree(fake)
+    fake.write_text(f"{M}{unit}/cgroup.subtree_control", "+pids")
+    backend = _detect(tmp_path, fake, own=unit)
+    backend._move_into_leaf = lambda: None  # as if the move had been skipped
+    with pytest.raises(CgroupError, match=r"EOPNOTSUPP, its cgroup.type is 'domain threaded'"):
+        backend.ensure_parent()
+
+
+def test_describe_says_what_start_up_will_do(tmp_path):
+    fake = FakeCgroup2FS()
+    backend = _detect(tmp_path, fake)
+    d = backend.describe()
+    assert d["delegation"] == "not delegated: we run in the root cgroup" and not d["parent_exists"]
+    assert d["pending"] == [
+        f"enable +memory +pids +cpu in {M}/cgroup.subtree_control",
+        f"create {M}/jailer",
+        f"enable +memory +pids +cpu in {M}/jailer/cgroup.subtree_control",
+    ]
+    assert d["problems"] == [] and fake.ops == []  # describe() changes nothing
+    backend.ensure_parent()
+    d = backend.describe()
+    assert d["pending"] == [] and d["problems"] == [] and d["parent_exists"]
+    # a parent that holds a process (and has no controllers yet) would fail with EBUSY
+    fake2 = FakeCgroup2FS(root_subtree_control=("memory", "pids", "cpu"))
+    fake2.mkdir(f"{M}/jailer")
+    pid = fake2.add_process("/jailer")
+    problems = _detect(tmp_path, fake2).describe()["problems"]
+    assert len(problems) == 1 and f"holds processes ({pid})" in problems[0] and "EBUSY" in problems[0]
+    # delegated: the move, then the controllers
+    fake3 = FakeCgroup2FS()
+    unit, workers = _systemd_tree(fake3, extra_pids=2)
+    d = _detect(tmp_path, fake3, own=unit).describe()
+    assert d["delegation"] == f"trusted.delegate=1 on {M}{unit}"
+    assert d["pending"] == [
+        f"move 3 process(es) of {M}{unit} into {M}{unit}/supervisor",
+        f"enable +memory +pids +cpu in {M}{unit}/cgroup.subtree_control",
+    ]
+
+
 def test_delegation_detected_when_already_in_supervisor_leaf(tmp_path):
     fake = FakeCgroup2FS()
     unit, _ = _systemd_tree(fake, extra_pids=0)
@@ -517,6 +570,8 @@ def _errno(fn, *args):
 
 
 def test_fake_kernel_rules():
+    # Each expectation below was checked against Linux 6.1 in the UML guest (tests/vm/run); the
+    # ones marked "real:" are where the fake used to disagree (see docs/cgroups.md).
     fake = FakeCgroup2FS()
     w = fake.write_text
     assert _errno(w, f"{M}/cgroup.subtree_control", "memory") == errno.EINVAL
@@ -524,10 +579,10 @@ def test_fake_kernel_rules():
     w(f"{M}/cgroup.subtree_control", "+memory +pids +cpu")  # root: processes allowed
     fake.mkdir(f"{M}/a")
     assert fake.read_text(f"{M}/a/cgroup.controllers") == "cpu memory pids\n"
+    assert fake.read_text(f"{M}/a/cgroup.subtree_control") == ""  # real: no newline when empty
     assert _errno(w, f"{M}/a/cgroup.subtree_control", "+io") == errno.ENOENT
     pid = fake.add_process("/a")
-    w(f"{M}/a/cgroup.subtree_control", "+pids")  # threaded-only: allowed with processes
-    assert _errno(w, f"{M}/a/cgroup.subtree_control", "+memory") == errno.EBUSY
+    assert _errno(w, f"{M}/a/cgroup.subtree_control", "+memory +pids") == errno.EBUSY  # no internal procs
     fake.exit_process(pid)
     w(f"{M}/a/cgroup.subtree_control", "+memory")
     assert _errno(w, f"{M}/a/cgroup.procs", str(fake.self_pid)) == errno.EBUSY  # no internal procs
@@ -538,18 +593,38 @@ def test_fake_kernel_rules():
     assert _errno(w, f"{M}/a/b/memory.max", "abc") == errno.EINVAL
     w(f"{M}/a/b/memory.max", "64M")
     assert fake.read_text(f"{M}/a/b/memory.max") == f"{64 * MiB}\n"
-    assert _errno(w, f"{M}/a/b/memory.current", "1") == errno.EACCES
-    assert _errno(w, f"{M}/a/b/pids.max", "-1") == errno.EINVAL
+    w(f"{M}/a/b/memory.max", str(64 * MiB + 100))  # whole pages
+    assert fake.read_text(f"{M}/a/b/memory.max") == f"{64 * MiB}\n"
+    assert _errno(w, f"{M}/a/b/memory.current", "1") == errno.EINVAL  # real: EINVAL for root, not EACCES
+    assert _errno(w, f"{M}/a/b/cgroup.events", "1") == errno.EINVAL
+    assert _errno(w, f"{M}/a/pids.max", "-1") == errno.EINVAL
     assert _errno(fake.read_text, f"{M}/a/b/cpu.max") == errno.ENOENT  # cpu not enabled in a
     assert _errno(w, f"{M}/a/cpu.max", "0 100000") == errno.EINVAL
     assert _errno(w, f"{M}/a/cpu.max", "999 100000") == errno.EINVAL
     assert _errno(w, f"{M}/a/cpu.max", "1000 999") == errno.EINVAL
+    assert _errno(w, f"{M}/a/cpu.max", "1000 1000001") == errno.EINVAL
+    assert _errno(w, f"{M}/a/cpu.max", "maximum") == errno.EINVAL
     w(f"{M}/a/cpu.max", "1000")
     assert fake.read_text(f"{M}/a/cpu.max") == "1000 100000\n"
+    w(f"{M}/a/cpu.max", "1500abc")  # real: sscanf("%llu") takes the leading digits
+    assert fake.read_text(f"{M}/a/cpu.max") == "1500 100000\n"
+    w(f"{M}/a/cpu.max", "2000 50000 junk")  # real: trailing text ignored
+    assert fake.read_text(f"{M}/a/cpu.max") == "2000 50000\n"
+    w(f"{M}/a/cpu.max", "max")  # the period is kept
+    assert fake.read_text(f"{M}/a/cpu.max") == "max 50000\n"
+    assert _errno(w, f"{M}/a/cpu.weight", "0") == errno.ERANGE  # real: ERANGE, not EINVAL
+    assert _errno(w, f"{M}/a/cpu.weight", "x") == errno.EINVAL
+    w(f"{M}/a/pids.max", "0x10")
+    assert fake.read_text(f"{M}/a/pids.max") == "16\n"  # real: stored as a number
     assert _errno(w, f"{M}/a/b/cgroup.kill", "2") == errno.ERANGE
     assert _errno(w, f"{M}/a/b/cgroup.kill", "x") == errno.EINVAL
-    assert _errno(fake.read_text, f"{M}/a/b/cgroup.kill") == errno.EACCES
+    assert _errno(fake.read_text, f"{M}/a/b/cgroup.kill") == errno.EINVAL  # real: EINVAL, not EACCES
+    assert _errno(w, f"{M}/a/b/cgroup.freeze", "2") == errno.ERANGE  # real: ERANGE, not EINVAL
+    assert _errno(w, f"{M}/a/b/cgroup.freeze", "x") == errno.EINVAL
+    assert _errno(w, f"{M}/a/b/cgroup.procs", "-1") == errno.EINVAL  # real: EINVAL, not ESRCH
+    assert _errno(w, f"{M}/a/b/cgroup.procs", "999999") == errno.ESRCH
     assert not fake.exists(f"{M}/cgroup.kill") and not fake.exists(f"{M}/memory.max")
+    assert fake.exists(f"{M}/memory.stat") and fake.exists(f"{M}/cpu.stat")  # root-visible files
     p = fake.add_process("/a/b")
     assert fake.read_text(f"{M}/a/cgroup.events").startswith("populated 1")
     assert _errno(fake.rmdir, f"{M}/a/b") == errno.EBUSY
@@ -559,3 +634,45 @@ def test_fake_kernel_rules():
     w(f"{M}/a/cgroup.subtree_control", "-memory")
     assert _errno(fake.rmdir, M) == errno.EBUSY
     assert _errno(fake.mkdir, f"{M}/a/cgroup.procs") == errno.EEXIST
+
+
+def test_fake_thread_root_rules():
+    """real: a domain with processes and a threaded controller (pids, cpu) enabled becomes a
+    thread root: memory can no longer be enabled there (EOPNOTSUPP, not EBUSY) and its children are
+    invalid domains that cannot take processes. Checked on Linux 6.1 in the UML guest."""
+    fake = FakeCgroup2FS(root_subtree_control=("memory", "pids", "cpu"))
+    w = fake.write_text
+    fake.mkdir(f"{M}/b")
+    pid = fake.add_process("/b")
+    w(f"{M}/b/cgroup.subtree_control", "+pids +cpu")  # threaded only: allowed with processes
+    assert fake.read_text(f"{M}/b/cgroup.type") == "domain threaded\n"
+    assert _errno(w, f"{M}/b/cgroup.subtree_control", "+memory") == errno.EOPNOTSUPP
+    fake.mkdir(f"{M}/b/c")
+    assert fake.read_text(f"{M}/b/c/cgroup.type") == "domain invalid\n"
+    assert _errno(w, f"{M}/b/c/cgroup.procs", str(pid)) == errno.EOPNOTSUPP
+    assert _errno(w, f"{M}/b/c/cgroup.subtree_control", "+pids") == errno.EOPNOTSUPP
+    w(f"{M}/b/cgroup.subtree_control", "-pids -cpu")
+    assert fake.read_text(f"{M}/b/cgroup.type") == "domain\n"
+    assert fake.read_text(f"{M}/b/c/cgroup.type") == "domain\n"
+    w(f"{M}/b/c/cgroup.procs", str(pid))
+    w(f"{M}/b/cgroup.subtree_control", "+memory +pids +cpu")  # b is empty now
+    assert fake.read_text(f"{M}/b/pids.peak") == "1\n"
+
+
+def test_fake_file_set_is_linux_6_1():
+    fake = FakeCgroup2FS(controllers=("cpu", "io", "memory", "pids"), root_subtree_control=("memory", "pids", "cpu"))
+    fake.mkdir(f"{M}/b")
+    # the listings the real kernel (6.1, UML guest) gave for the same set-up
+    assert sorted(n for n in fake.listdir(M) if n != "b") == [
+        "cgroup.controllers", "cgroup.max.depth", "cgroup.max.descendants", "cgroup.procs", "cgroup.stat",
+        "cgroup.subtree_control", "cgroup.threads", "cpu.stat", "io.stat", "memory.reclaim", "memory.stat",
+    ]
+    assert sorted(fake.listdir(f"{M}/b")) == [
+        "cgroup.controllers", "cgroup.events", "cgroup.freeze", "cgroup.kill", "cgroup.max.depth",
+        "cgroup.max.descendants", "cgroup.procs", "cgroup.stat", "cgroup.subtree_control", "cgroup.threads",
+        "cgroup.type", "cpu.idle", "cpu.max", "cpu.max.burst", "cpu.stat", "cpu.weight", "cpu.weight.nice",
+        "memory.current", "memory.events", "memory.events.local", "memory.high", "memory.low", "memory.max",
+        "memory.min", "memory.oom.group", "memory.peak", "memory.reclaim", "memory.stat", "memory.swap.current",
+        "memory.swap.events", "memory.swap.high", "memory.swap.max", "memory.zswap.current", "memory.zswap.max",
+        "pids.current", "pids.events", "pids.max", "pids.peak",
+    ]
