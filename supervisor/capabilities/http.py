@@ -267,9 +267,9 @@ def address_problem(ip: IPAddress) -> str | None:
             why = address_problem(embedded)
             return f"{why} (IPv4 {embedded} inside IPv6)" if why else None
         if ip.sixtofour is not None:
+            # Decided by the embedded IPv4 (Python < 3.11.10 calls all of 2002::/16 private).
             why = address_problem(ip.sixtofour)
-            if why:
-                return f"{why} (IPv4 {ip.sixtofour} inside a 6to4 address)"
+            return f"{why} (IPv4 {ip.sixtofour} inside a 6to4 address)" if why else None
         if ip.is_site_local:
             return "a site-local address"
     if ip.is_loopback:
