@@ -31,7 +31,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -376,6 +376,17 @@ def _kill_pids(pids: Iterable[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _kill_in_passes(list_pids: Callable[[], Iterable[int]], passes: int = 100) -> None:
+    """SIGKILL everything a (frozen) cgroup lists, again for pids that appear meanwhile."""
+    sent: set[int] = set()
+    for _ in range(passes):
+        new = set(list_pids()) - sent
+        if not new:
+            return
+        _kill_pids(new)
+        sent |= new
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .cgroup import (
     CgroupUsage,
     JobCgroup,
     _error,
-    _kill_pids,
+    _kill_in_passes,
     _parse_flat_keyed,
     _parse_pids,
     _rmdir_tree,
@@ -170,13 +170,7 @@ class CgroupV1Job(JobCgroup):
                     except OSError:
                         break  # gone or unreadable: kill in passes below
                     time.sleep(0.0002)
-            sent: set[int] = set()
-            for _ in range(100):
-                new = self._procs() - sent
-                if not new:
-                    break
-                _kill_pids(new)
-                sent |= new
+            _kill_in_passes(self._procs)
         finally:
             if frozen:
                 try:

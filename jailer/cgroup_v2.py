@@ -43,7 +43,7 @@ from .cgroup import (
     CgroupUsage,
     JobCgroup,
     _error,
-    _kill_pids,
+    _kill_in_passes,
     _parse_flat_keyed,
     _parse_pids,
     _rmdir_tree,
@@ -188,13 +188,7 @@ class CgroupV2Job(JobCgroup):
             except FileNotFoundError:
                 return
         try:
-            sent: set[int] = set()
-            for _ in range(100):
-                new = set(self.pids()) - sent
-                if not new:
-                    break
-                _kill_pids(new)
-                sent |= new
+            _kill_in_passes(self.pids)
         finally:
             if frozen:
                 try:

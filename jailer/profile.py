@@ -9,6 +9,7 @@ docs and profiles/defaults.toml are checked against it by the tests).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -209,7 +210,7 @@ class Profile:
     pool: Pool
     sources: tuple[str, ...]  # files it was read from, for messages
 
-    @property
+    @functools.cached_property  # read per job; a frozen instance never changes
     def digest(self) -> str:
         """sha256 over the effective policy (not the file bytes): what a result record cites."""
         d = dataclasses.asdict(self)

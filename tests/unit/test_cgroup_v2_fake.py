@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from jailer import cgroup_v2
+from jailer import cgroup, cgroup_v2
 from jailer.cgroup import (
     CgroupError,
     CgroupLimits,
@@ -363,7 +363,7 @@ def test_kill_fallback_without_cgroup_kill(tmp_path, monkeypatch):
             signalled.append(p)
             fake.exit_process(p)
 
-    monkeypatch.setattr(cgroup_v2, "_kill_pids", fake_kill)
+    monkeypatch.setattr(cgroup, "_kill_pids", fake_kill)  # used by _kill_in_passes
     fake.ops.clear()
     job.kill()
     assert sorted(signalled) == sorted(pids)
