@@ -122,10 +122,6 @@ class Metrics:
         self.reloads = r.add(Counter("jailer_reloads_total", "Profile reloads, by outcome", ("outcome",)))
 
 
-def _nan_safe(v: float) -> float:
-    return 0.0 if math.isnan(v) else v
-
-
 async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """A minimal HTTP/1.0 endpoint: any GET returns the exposition (scrapers ask for /metrics)."""
 
