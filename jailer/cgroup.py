@@ -240,6 +240,11 @@ class JobCgroup(abc.ABC):
         """SIGKILL every process of the job at once (a fork bomb cannot outrun it). Does not wait."""
 
     @abc.abstractmethod
+    def set_cpu_weight(self, weight: int) -> None:
+        """CPU share against sibling jobs when the CPU is contended, on the v2 scale (1..10000,
+        default 100). Cheap (one write): warm jails boot low and are raised at delivery."""
+
+    @abc.abstractmethod
     def remove(self) -> None:
         """rmdir every directory of the job; missing ones are fine. CgroupError if still populated."""
 

@@ -178,6 +178,16 @@ class CgroupV1Job(JobCgroup):
                 except FileNotFoundError:
                     pass
 
+    def set_cpu_weight(self, weight: int) -> None:
+        if not 1 <= weight <= 10000:
+            raise ValueError(f"cpu weight must be in 1..10000, got {weight!r}")
+        path = os.path.join(self._dirs["cpu"], "cpu.shares")
+        shares = max(2, weight * 1024 // 100)  # v1 default 1024 = v2 default 100; kernel minimum 2
+        try:
+            self._fs.write_text(path, str(shares))
+        except OSError as exc:
+            raise _error(f"cannot set cpu.shares of job cgroup {self.name!r}", path, exc) from exc
+
     def remove(self) -> None:
         errors = [e for e in (_rmdir_tree(self._fs, d) for d in self.paths) if e]
         if errors:

@@ -196,6 +196,15 @@ class CgroupV2Job(JobCgroup):
                 except FileNotFoundError:
                     pass
 
+    def set_cpu_weight(self, weight: int) -> None:
+        if not 1 <= weight <= 10000:
+            raise ValueError(f"cpu weight must be in 1..10000, got {weight!r}")
+        path = os.path.join(self.path, "cpu.weight")
+        try:
+            self._fs.write_text(path, str(weight))
+        except OSError as exc:
+            raise _error(f"cannot set cpu.weight of job cgroup {self.name!r}", path, exc) from exc
+
     def remove(self) -> None:
         err = _rmdir_tree(self._fs, self.path)
         if err:

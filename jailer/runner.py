@@ -38,6 +38,10 @@ log = logging.getLogger("jailer.runner")
 
 START_TIMEOUT_S = 10.0  # bwrap + runtime start; far above the ~40 ms it takes, but a loaded host...
 EXIT_GRACE_S = 1.0  # after the runtime said idle, how long its exit may take before we kill it
+# cgroup CPU weights (v2 scale: 1..10000, default 100; v1 cpu.shares scaled): a warm jail boots at
+# a tenth of a running job's share, so refills never slow the jobs that are running.
+BOOT_CPU_WEIGHT = 10
+JOB_CPU_WEIGHT = 100
 
 
 def new_job_id() -> str:
@@ -119,30 +123,46 @@ class Runner:
         self.providers = providers if providers is not None else default_providers()
         self.broker_limits = broker_limits
         self.on_call: Callable[[str, str, bool], None] | None = None  # (tenant, cap, granted): metrics
+        # Set by the daemon: jails are torn down there, after the result has been returned.
+        # None (jailer run, tests): `run` returns once the jail is gone.
+        self.background: trio.Nursery | None = None
         self.seccomp_bpf = seccomp.compile_filter()  # compiled once; installed in every jail
         self.spawner = Spawner()  # forks from one long-lived thread (PR_SET_PDEATHSIG is per thread)
-        # Orphaned jail processes come to us, not to the host's init (see _JobRun.kill_quietly).
+        # Orphaned jail processes come to us, not to the host's init (see Jail.kill_quietly).
         prctl.set_child_subreaper(1)
         # The jail uids must traverse these to reach their own socket, and list nothing.
         for d in (run_dir, self.jobs_dir):
             os.makedirs(d, exist_ok=True)
             os.chmod(d, 0o711)
 
+    def jail(self, profile: Profile, runtime: str, *, warm: bool = False) -> "Jail":
+        """A jail not started yet: run `jail.life` in a nursery (warm pools), then `run(..., jail=)`."""
+        return Jail(self, profile, runtime, name=new_jail_name() if warm else None, warm=warm)
+
     async def run(self, job: Job, profile: Profile, *, cancel: trio.Event | None = None,
                   queued_ms: float = 0.0, on_log: Callable[[dict], None] | None = None,
-                  runtime: str | None = None) -> Result:
+                  runtime: str | None = None, jail: "Jail | None" = None) -> Result:
+        """Run `job`: in `jail` (a warm one, already started and never used) or in a fresh cold one.
+
+        `profile` is the job's effective policy; a warm jail was built from its pool's profile,
+        whose jail-shaping parts must be the same (supervisor.pool checks)."""
+        if jail is not None:
+            return await jail.execute(job, profile, cancel, queued_ms, on_log)
         try:
             runtime = runtime or runtime_for(profile, job.filename)
         except ValueError as e:
             return rejected(job.id, profile.tenant, "invalid_request", str(e))
-        try:
-            ident = self.identities.acquire()
-        except NoFreeIdentity as e:
-            return _internal(job, profile, "no_identity", str(e))
-        try:
-            return await _JobRun(self, job, profile, runtime, ident, cancel, queued_ms, on_log).run()
-        finally:
-            ident.release()
+        jail = Jail(self, profile, runtime, name=job.id)
+        if self.background is not None:
+            await self.background.start(jail.life)
+            return await jail.execute(job, profile, cancel, queued_ms, on_log)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(jail.life)
+            return await jail.execute(job, profile, cancel, queued_ms, on_log)
+
+
+def new_jail_name() -> str:
+    return "w-" + secrets.token_hex(8)
 
 
 def _internal(job: Job, profile: Profile, reason: str, message: str) -> Result:
@@ -151,99 +171,231 @@ def _internal(job: Job, profile: Profile, reason: str, message: str) -> Result:
                   profile_digest=profile.digest)
 
 
-class _JobRun:
-    def __init__(self, runner: Runner, job: Job, profile: Profile, runtime: str, ident: Identity,
-                 cancel: trio.Event | None, queued_ms: float, on_log: Callable[[dict], None] | None = None):
+class Jail:
+    """One jail, for exactly one job: started (booted), then given its job, then destroyed.
+
+    `life` owns the jail's processes, pipes and teardown; `execute` delivers the job and decides
+    the result. A cold jail boots right before its job; a warm one boots into a pool and waits
+    there, connected and pinged, until `execute` (or until retired or found dead).
+
+    state: new -> booting -> ready -> running -> done; or -> failed (never ready) / dead (died or
+    retired while ready: never runs anything).
+    """
+
+    def __init__(self, runner: Runner, profile: Profile, runtime: str, *, name: str | None = None,
+                 warm: bool = False):
         self.r = runner
-        self.job = job
-        self.profile = profile
+        self.profile = profile  # what the jail was built from (limits that shape it, tenant)
         self.runtime = runtime
-        self.ident = ident
-        self.cancel = cancel
-        self.queued_ms = queued_ms
+        self.name = name or new_jail_name()
+        self.warm = warm
+        self.state = "new"
+        self.fail: tuple[str, str] | None = None  # (reason, message): jailer's own failure at boot
+        self.on_dead: Callable[["Jail"], None] | None = None  # a pooled jail died or was retired
         self.facts = Facts()
         self.output = CappedOutput(profile.limits.output_bytes)
-        self.logs = LogSink(profile.limits.log_bytes, on_log)
+        self.logs = LogSink(profile.limits.log_bytes)
+        self.ident: Identity | None = None
         self.cg: JobCgroup | None = None
         self.proc: JailProcess | None = None
         self.session: BrokerSession | None = None
+        self.exited = trio.Event()
+        self._done = trio.Event()  # the job is over, or the jail is retired: tear down
         self.cpu_base_ns = 0
         self.orphans: set[int] = set()  # jail processes that may be reparented to us when killed
-        self.t_spawn = self.t_delivered = self.t_result = None
+        self.t_boot = self.t_ready = self.t_taken = self.t_delivered = self.t_result = None
+        # Set by execute:
+        self.job: Job | None = None
+        self.job_profile = profile
+        self.queued_ms = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Jail {self.name} {self.profile.tenant}/{self.runtime} {self.state}>"
+
+    # ---- life: boot, wait, teardown -----------------------------------------------------------
+
+    async def life(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Boot; report started (ready or failed); wait for the job to end or a retire; tear down."""
+        job_dir = os.path.join(self.r.jobs_dir, self.name)
+        listener = None
+        self.state = "booting"
+        self.t_boot = time.monotonic()
+        try:
+            async with trio.open_nursery() as io:
+                try:
+                    listener = await self._boot(io, job_dir)
+                except NoFreeIdentity as e:
+                    self.fail = ("no_identity", str(e))
+                except CgroupError as e:
+                    self.fail = ("cgroup", str(e))  # fail closed
+                except OSError as e:
+                    log.exception("jail %s: host failure", self.name)
+                    self.fail = ("host_error", f"{e.__class__.__name__}: {e}")
+                except Exception as e:  # jailer's own bug: this jail fails, the daemon serves on
+                    log.exception("jail %s: failed to start", self.name)
+                    self.fail = ("internal", f"{e.__class__.__name__}: {e}")
+                finally:
+                    if listener is not None:
+                        listener.close()  # exactly one connection per jail
+                ready = self.fail is None and self.session is not None and self.facts.internal is None
+                if self.state != "dead":  # retired while booting stays retired
+                    self.state = "ready" if ready else "failed"
+                self.t_ready = time.monotonic()
+                task_status.started()
+                if ready and self.warm:
+                    io.start_soon(self._watch_idle_death)
+                # Even a failed boot waits: `execute` reads its exit status and cgroup first.
+                await self._done.wait()
+                # Whatever still runs now (lingering timers, the reaper) goes; the readers then see
+                # EOF. The deadline only matters if a process refuses to die.
+                self.kill_quietly()
+                io.cancel_scope.deadline = trio.current_time() + EXIT_GRACE_S
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup(job_dir)
+
+    @property
+    def retired(self) -> bool:
+        return self._done.is_set()
+
+    def retire(self) -> None:
+        """A pooled jail that will never get a job (reload, idle, shutdown): destroy it."""
+        if self.state in ("new", "booting", "ready"):
+            self.state = "dead"
+        self._done.set()
+
+    async def _watch_idle_death(self) -> None:
+        await self.exited.wait()
+        if self.state == "ready":  # died while waiting in the pool: never hand it out
+            self.state = "dead"
+            self._done.set()
+            if self.on_dead is not None:
+                self.on_dead(self)
+
+    async def _boot(self, io: trio.Nursery, job_dir: str) -> trio.socket.SocketType | None:
+        self.ident = self.r.identities.acquire()
+        # Our own fresh directory: root-owned, group = the jail's gid, so only this jail's uid can
+        # reach the socket inside. We never touch a jail-writable path by name.
+        os.mkdir(job_dir, 0o750)
+        os.chown(job_dir, 0, self.ident.gid)
+        sock_path = os.path.join(job_dir, "broker.sock")
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        await listener.bind(sock_path)
+        os.chmod(sock_path, 0o660)
+        os.chown(sock_path, 0, self.ident.gid)
+        listener.listen(1)
+
+        plan = make_plan(self.profile, self.runtime, sock_path)
+        missing = [b.host for b in plan.ro_binds if not os.path.exists(b.host)]
+        if missing:  # the operator's mistake: say which, rather than a bwrap error
+            self.fail = ("profile_path_missing",
+                         f"filesystem.ro_paths of tenant {self.profile.tenant!r}: {', '.join(missing)} "
+                         "does not exist on this host")
+            return listener
+        self.cg = self.r.cgroups.create(self.name, plan.cgroup_limits)
+        if self.warm:
+            self._set_cpu_weight(BOOT_CPU_WEIGHT)  # refills yield the CPU to running jobs
+
+        seccomp_fd = seccomp.program_fd(self.r.seccomp_bpf)  # sealed memfd, one per jail
+        try:
+            argv = bwrap_argv(plan, self.r.layout, seccomp_fd)
+            self.proc = await self.r.spawner.spawn(
+                argv, stdin=subprocess.DEVNULL,
+                env={},  # bwrap's pid-1 keeps this env, readable at /proc/1/environ: nothing
+                pass_fds=(seccomp_fd,), close_fds=True,
+                preexec_fn=_launcher(self.cg.procs_files, self.ident.uid, self.ident.gid,
+                                     self.profile.limits.open_files, os.getpid()),
+            )
+        finally:
+            os.close(seccomp_fd)
+
+        async def wait_exit() -> None:
+            await self.proc.wait()
+            self.exited.set()
+
+        io.start_soon(self._read_output, "stdout", self.proc.stdout)
+        io.start_soon(self._read_output, "stderr", self.proc.stderr)
+        io.start_soon(wait_exit)
+
+        # The shim connects and says hello (or the jail dies trying).
+        with trio.move_on_after(START_TIMEOUT_S) as start_scope:
+            async with trio.open_nursery() as race:
+                async def accept() -> None:
+                    conn, _ = await listener.accept()
+                    self.session = BrokerSession(
+                        trio.SocketStream(conn),
+                        CallContext(self.name, self.profile.tenant, self.profile, self.logs),
+                        self.r.providers, self.facts, self.r.broker_limits, self.r.on_call)
+                    race.cancel_scope.cancel()
+
+                async def died() -> None:
+                    await self.exited.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(accept)
+                race.start_soon(died)
+        if self.session is None:
+            if start_scope.cancelled_caught:
+                self.facts.internal = f"the jail did not connect within {START_TIMEOUT_S}s"
+            return listener
+        try:
+            with trio.fail_after(START_TIMEOUT_S):
+                await self.session.wait_hello()
+                if self.warm:
+                    await self.session.ping()  # the shim's first round trip pays its lazy compilation
+        except (FrameError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            self.facts.internal = f"the runtime shim did not say hello: {e}"
+            return listener
+        # bwrap's monitor exits as soon as the jail's pid 1 reports the exit code, orphaning pid 1
+        # to us (a child subreaper): remember the jail's processes now so we can reap it.
+        self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
+        return listener
+
+    def _set_cpu_weight(self, weight: int) -> None:
+        try:
+            self.cg.set_cpu_weight(weight)
+        except CgroupError as e:  # a scheduling preference, not a protection: run without it
+            log.warning("jail %s: %s", self.name, e)
+
+    # ---- the job ------------------------------------------------------------------------------
+
+    async def execute(self, job: Job, profile: Profile, cancel: trio.Event | None = None,
+                      queued_ms: float = 0.0, on_log: Callable[[dict], None] | None = None) -> Result:
+        """Deliver `job` and return its result as soon as it is decided; `life` tears down after.
+
+        `profile` is the job's own (possibly lowered per request): wall, CPU, output and log limits
+        are the host's to enforce, so they are taken from it."""
+        self.t_taken = time.monotonic()
+        self.job, self.job_profile, self.queued_ms = job, profile, queued_ms
+        try:
+            if self.fail is not None:
+                return _internal(job, profile, *self.fail)
+            if self.state != "ready":  # boot failed (the facts say why) or died in the pool
+                if self.state == "dead":
+                    return _internal(job, profile, "jail_lost", "the warm jail died before its job")
+                return self._result()
+            self.state = "running"
+            self.logs = LogSink(profile.limits.log_bytes, on_log)
+            self.output.limit = profile.limits.output_bytes
+            self.session.ctx = CallContext(job.id, profile.tenant, profile, self.logs)
+            async with trio.open_nursery() as control:
+                if cancel is not None:
+                    control.start_soon(self._watch_cancel, cancel)
+                await self._drive(control)
+                control.cancel_scope.cancel()
+            return self._result()
+        except OSError as e:
+            log.exception("job %s: host failure", job.id)
+            return _internal(job, profile, "host_error", f"{e.__class__.__name__}: {e}")
+        finally:
+            self.state = "done" if self.state == "running" else self.state
+            self._done.set()
 
     def kill(self, reason: str) -> None:
         """The host's own verdict: first reason wins, the whole cgroup dies at once."""
         if self.facts.killed_for is None:
             self.facts.killed_for = reason
         self.kill_quietly()
-
-    async def run(self) -> Result:
-        job, lim = self.job, self.profile.limits
-        job_dir = os.path.join(self.r.jobs_dir, job.id)
-        listener = None
-        try:
-            # Our own fresh directory: root-owned, group = the jail's gid, so only this jail's uid
-            # can reach the socket inside. We never touch a jail-writable path by name.
-            os.mkdir(job_dir, 0o750)
-            os.chown(job_dir, 0, self.ident.gid)
-            sock_path = os.path.join(job_dir, "broker.sock")
-            listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            await listener.bind(sock_path)
-            os.chmod(sock_path, 0o660)
-            os.chown(sock_path, 0, self.ident.gid)
-            listener.listen(1)
-
-            plan = make_plan(self.profile, self.runtime, sock_path)
-            missing = [b.host for b in plan.ro_binds if not os.path.exists(b.host)]
-            if missing:  # the operator's mistake: say which, rather than a bwrap error
-                return _internal(job, self.profile, "profile_path_missing",
-                                 f"filesystem.ro_paths of tenant {self.profile.tenant!r}: {', '.join(missing)} "
-                                 "does not exist on this host")
-            try:
-                self.cg = self.r.cgroups.create(job.id, plan.cgroup_limits)
-            except CgroupError as e:
-                return _internal(job, self.profile, "cgroup", str(e))  # fail closed
-
-            seccomp_fd = seccomp.program_fd(self.r.seccomp_bpf)  # sealed memfd, one per jail
-            try:
-                argv = bwrap_argv(plan, self.r.layout, seccomp_fd)
-                self.t_spawn = time.monotonic()
-                self.proc = await self.r.spawner.spawn(
-                    argv, stdin=subprocess.DEVNULL,
-                    env={},  # bwrap's pid-1 keeps this env, readable at /proc/1/environ: nothing
-                    pass_fds=(seccomp_fd,), close_fds=True,
-                    preexec_fn=_launcher(self.cg.procs_files, self.ident.uid, self.ident.gid,
-                                         lim.open_files, os.getpid()),
-                )
-            finally:
-                os.close(seccomp_fd)
-
-            exited = trio.Event()
-
-            async def wait_exit() -> None:
-                await self.proc.wait()
-                exited.set()
-
-            async with trio.open_nursery() as io:
-                io.start_soon(self._read_output, "stdout", self.proc.stdout)
-                io.start_soon(self._read_output, "stderr", self.proc.stderr)
-                io.start_soon(wait_exit)
-                async with trio.open_nursery() as control:
-                    if self.cancel is not None:
-                        control.start_soon(self._watch_cancel)
-                    await self._drive(listener, control, exited)
-                    control.cancel_scope.cancel()
-                # Whatever is still running now (lingering timers, the reaper) goes; the readers
-                # then see EOF. The deadline only matters if a process refuses to die.
-                self.kill_quietly()
-                io.cancel_scope.deadline = trio.current_time() + EXIT_GRACE_S
-            return self._result()
-        except OSError as e:
-            log.exception("job %s: host failure", job.id)
-            return _internal(job, self.profile, "host_error", f"{e.__class__.__name__}: {e}")
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._cleanup(listener, job_dir)
 
     def kill_quietly(self) -> None:
         if self.cg is not None:
@@ -254,61 +406,29 @@ class _JobRun:
                     self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
                 self.cg.kill()
             except (OSError, CgroupError) as e:
-                log.warning("job %s: cgroup kill failed: %s", self.job.id, e)
+                log.warning("jail %s: cgroup kill failed: %s", self.name, e)
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
 
-    async def _drive(self, listener: trio.socket.SocketType, nursery: trio.Nursery, exited: trio.Event) -> None:
-        """Start-up, delivery, then wait for result / idle / exit under the wall and CPU limits."""
-        lim = self.profile.limits
-
-        # 1. The shim connects and says hello (or the jail dies trying).
-        with trio.move_on_after(START_TIMEOUT_S) as start_scope:
-            async with trio.open_nursery() as race:
-                async def accept() -> None:
-                    conn, _ = await listener.accept()
-                    self.session = BrokerSession(
-                        trio.SocketStream(conn),
-                        CallContext(self.job.id, self.profile.tenant, self.profile, self.logs),
-                        self.r.providers, self.facts, self.r.broker_limits, self.r.on_call)
-                    race.cancel_scope.cancel()
-
-                async def died() -> None:
-                    await exited.wait()
-                    race.cancel_scope.cancel()
-
-                race.start_soon(accept)
-                race.start_soon(died)
-        listener.close()  # exactly one connection per jail
-        if self.session is None:
-            if start_scope.cancelled_caught:
-                self.facts.internal = f"the jail did not connect within {START_TIMEOUT_S}s"
-            return
-        try:
-            with trio.fail_after(START_TIMEOUT_S):
-                await self.session.wait_hello()
-        except (FrameError, trio.TooSlowError, trio.BrokenResourceError) as e:
-            self.facts.internal = f"the runtime shim did not say hello: {e}"
-            return
-
-        # bwrap's monitor exits as soon as the jail's pid 1 reports the exit code, orphaning pid 1
-        # to us (a child subreaper): remember the jail's processes now so we can reap it.
-        self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
-
-        # 2. Deliver. Accounting starts here so the runtime's own start is not charged.
+    async def _drive(self, nursery: trio.Nursery) -> None:
+        """Deliver, then wait for result / idle / exit under the wall and CPU limits."""
+        lim = self.job_profile.limits
+        session, exited = self.session, self.exited
+        # Accounting starts here so the runtime's own start is not charged.
+        if self.warm:
+            self._set_cpu_weight(JOB_CPU_WEIGHT)
         self.cpu_base_ns = self.cg.cpu_ns()
         job = self.job
         try:
-            await self.session.deliver({"id": job.id, "filename": job.filename, "code": job.code,
-                                        "entry": job.entry or self.profile.runtime.entry, "input": job.input})
+            await session.deliver({"id": job.id, "filename": job.filename, "code": job.code,
+                                   "entry": job.entry or self.profile.runtime.entry, "input": job.input})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # killed meanwhile (cancel) or died after hello: the facts and exit status decide
         self.t_delivered = time.monotonic()
-        nursery.start_soon(self.session.serve)
+        nursery.start_soon(session.serve)
         nursery.start_soon(self._watch_cpu)
 
-        # 3. Wait for the handler to complete (or the script to end) within the wall limit.
-        session = self.session
+        # Wait for the handler to complete (or the script to end) within the wall limit.
         deadline = trio.current_time() + lim.wall_time_s
         with trio.move_on_at(deadline) as wall:
             await _first(session.result_event.wait, exited.wait)
@@ -319,20 +439,36 @@ class _JobRun:
             self.kill("timeout")
             return
         if not exited.is_set():
-            # 4. Linger: pending async work may still run (and throw) briefly, then the runtime
-            # says idle and exits. Past the linger the handler's result stands and the jail dies.
+            # Linger: pending async work may still run (and throw) briefly, then the runtime says
+            # idle. Past the linger the handler's result stands and the jail dies. Once idle the
+            # result is final: reply now, the exit and namespace teardown happen after the reply.
             with trio.move_on_at(min(deadline, trio.current_time() + lim.linger_s)):
                 await session.idle_event.wait()
-            with trio.move_on_after(EXIT_GRACE_S if session.idle_event.is_set() else 0):
-                await exited.wait()
+            if session.idle_event.is_set() and not exited.is_set():
+                self._drain_output()  # written before `idle` was sent, so already in the pipes
+                return
         if exited.is_set():
             # Frames written just before the exit may still be in the socket: read them to EOF.
             with trio.move_on_after(EXIT_GRACE_S):
                 await session.idle_event.wait()
 
+    def _drain_output(self) -> None:
+        """Take what the pipes hold right now without waiting (the readers may not have run yet)."""
+        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            while True:
+                try:
+                    data = os.read(stream.fileno(), 65536)  # non-blocking: trio's FdStream set it
+                except OSError:  # EAGAIN: empty for now; EBADF: reader saw EOF and closed it
+                    break
+                if not data:
+                    break
+                if not self.output.add(name, data):
+                    self.kill("output_limit")
+                    return
+
     async def _watch_cpu(self) -> None:
         """CPU budget from cgroup accounting (all processes), polled no more often than needed."""
-        lim = self.profile.limits
+        lim = self.job_profile.limits
         budget = int(lim.cpu_time_s * 1e9)
         parallel = lim.cpu_cores if lim.cpu_cores > 0 else float(os.cpu_count() or 1)
         while True:
@@ -343,8 +479,8 @@ class _JobRun:
             # The soonest the budget could run out, at full speed on every allowed core.
             await trio.sleep(max(0.005, (budget - used) / 1e9 / parallel))
 
-    async def _watch_cancel(self) -> None:
-        await self.cancel.wait()
+    async def _watch_cancel(self, cancel: trio.Event) -> None:
+        await cancel.wait()
         self.kill("cancelled")
 
     async def _read_output(self, name: str, stream: trio.abc.ReceiveStream) -> None:
@@ -361,6 +497,7 @@ class _JobRun:
 
     def _result(self) -> Result:
         f = self.facts
+        job, profile = self.job, self.job_profile
         rc = self.proc.returncode if self.proc is not None else None
         if rc is not None:
             if rc < 0:
@@ -375,12 +512,12 @@ class _JobRun:
                 usage = self.cg.usage()
                 f.oom_kills = usage.oom_kills
             except (OSError, CgroupError) as e:
-                log.warning("job %s: reading cgroup usage failed: %s", self.job.id, e)
+                log.warning("job %s: reading cgroup usage failed: %s", job.id, e)
         status, error, reason = decide(f)
         now = time.monotonic()
         end = self.t_result or now
-        res = Result(id=self.job.id, tenant=self.profile.tenant, status=status, error=error, reason=reason,
-                     profile_digest=self.profile.digest)
+        res = Result(id=job.id, tenant=profile.tenant, status=status, error=error, reason=reason,
+                     profile_digest=profile.digest)
         if status == "ok" and f.result is not None:
             res.result = f.result.get("result")
         res.stdout, res.stderr = self.output.text("stdout"), self.output.text("stderr")
@@ -393,13 +530,13 @@ class _JobRun:
                 "cpu_ms": round(max(0, usage.cpu_ns - self.cpu_base_ns) / 1e6, 3) if self.t_delivered else 0.0,
                 "memory_peak_bytes": usage.memory_peak_bytes,
             }
-        res.timings = {"queued_ms": round(self.queued_ms, 3), "start_ms": _ms(self.t_spawn, self.t_delivered),
-                       "run_ms": _ms(self.t_delivered, end)}
+        # start_ms: what starting the jail cost this job (a warm jail: only the hand-over).
+        start = self.t_taken if self.warm else self.t_boot
+        res.timings = {"queued_ms": round(self.queued_ms, 3), "start_ms": _ms(start, self.t_delivered),
+                       "run_ms": _ms(self.t_delivered, end), "warm": self.warm}
         return res
 
-    async def _cleanup(self, listener: Any, job_dir: str) -> None:
-        if listener is not None:
-            listener.close()
+    async def _cleanup(self, job_dir: str) -> None:
         if self.session is not None:
             await self.session.stream.aclose()
         self.kill_quietly()
@@ -409,13 +546,19 @@ class _JobRun:
             for s in (self.proc.stdout, self.proc.stderr):
                 if s is not None:
                     await s.aclose()
+        emptied = True
         if self.cg is not None:
             try:
                 await trio.to_thread.run_sync(self.cg.destroy)
             except (OSError, CgroupError) as e:
-                log.error("job %s: cgroup not removed: %s", self.job.id, e)
+                emptied = False
+                log.error("jail %s: cgroup not removed: %s", self.name, e)
         await _reap(self.orphans)
         shutil.rmtree(job_dir, ignore_errors=True)
+        if self.ident is not None and emptied:
+            # Only now, and only if no process of this jail can be left to share the uid with
+            # the next jail (a stuck one keeps its slot until the daemon restarts).
+            self.ident.release()
 
 
 async def _reap(pids: set[int]) -> None:

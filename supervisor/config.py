@@ -39,6 +39,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "cgroup_parent": Field("str", "jailer", "cgroup under which jobs get their own cgroups"),
         "concurrency": Field("int", 0, "Jobs running at once, all tenants (0 = number of cores)", "count",
                              minimum=0),
+        "pool_max": Field("int", 64, "Warm jails (ready + starting) at most, all pools together; 0 = no warm "
+                          "pools", "count", minimum=0),
     },
     "ceilings": {
         "wall_time": Field("duration", 300.0, "Largest limits.wall_time any profile or request may set", "duration"),

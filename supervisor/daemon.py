@@ -33,6 +33,7 @@ from . import systemd
 from .auth import Peer, is_admin, may_act_for
 from .config import Config, ceiling_errors, load_config
 from .metrics import Metrics
+from .pool import Pools
 from .scheduler import CancelledWhileQueued, Rejected, Scheduler, TenantPolicy
 
 log = logging.getLogger("jailer.daemon")
@@ -82,6 +83,7 @@ class Daemon:
         self.accepting = True
         self.extra_providers = providers or {}
         self.runner: Runner | None = None
+        self.pools: Pools | None = None
         self.cgroups = None
         self.listeners: list[trio.SocketListener] = []
         self.ready = trio.Event()
@@ -91,6 +93,15 @@ class Daemon:
         self.metrics.running.fn = lambda: {(): float(self.running)}
         self.metrics.queued.fn = lambda: {(t,): float(s.queued)
                                           for t, s in self.scheduler.statistics().tenants.items()}
+        self.metrics.pool_jails.fn = lambda: {(p.tenant, p.runtime, state): float(getattr(p, state))
+                                              for p in self._pool_stats() for state in ("warm", "starting", "taken")}
+        self.metrics.pool_events.fn = lambda: {(p.tenant, p.runtime, ev): float(getattr(p, ev))
+                                               for p in self._pool_stats()
+                                               for ev in ("hits", "misses", "cold_fallbacks", "boot_failures",
+                                                          "retired")}
+
+    def _pool_stats(self) -> list:
+        return list(self.pools.statistics().values()) if self.pools is not None else []
 
     # ---- start-up ------------------------------------------------------------------------------
 
@@ -116,6 +127,8 @@ class Daemon:
         self.profiles = new
         for tenant, prof in new.items():
             self.scheduler.update_policy(tenant, TenantPolicy.from_limits(prof.limits))
+        if self.pools is not None:
+            self.pools.configure(self.profiles)  # a changed profile's warm jails are retired here
         for e in errors:
             log.error("profile rejected: %s", e, extra={"event": "profile_error"})
         if kept:
@@ -155,6 +168,7 @@ class Daemon:
                                                                  cfg.get("jails", "uid_count")),
                              providers=self.providers())
         self.runner.on_call = self._on_call
+        self.pools = Pools(self.runner, cfg.get("jails", "pool_max"))
         self.listeners = await self._open_listeners()
         from .server import handle_connection
 
@@ -162,6 +176,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._signals)
+                await nursery.start(self.pools.run)  # every jail lives (and is torn down) in there
+                self.pools.configure(self.profiles)
                 if cfg.get("metrics", "address"):
                     from .metrics import serve_metrics
                     host, _, port = cfg.get("metrics", "address").rpartition(":")
@@ -240,6 +256,7 @@ class Daemon:
                 if new.socket_path != self.config.socket_path:
                     log.warning("server.socket changed: takes effect after a restart")
                 self.config = new
+                self.pools.max_total = new.get("jails", "pool_max")
             except ProfileError as e:
                 errors += e.errors
                 for err in e.errors:
@@ -257,6 +274,7 @@ class Daemon:
         for lst in self.listeners:
             await lst.aclose()
         self.scheduler.close()
+        self.pools.close()  # warm jails go now; running jobs keep theirs
         drain = self.config.get("shutdown", "drain")
         log.info("draining", extra={"event": "drain", "running": self.running, "deadline_s": drain})
         with trio.move_on_after(drain):
@@ -393,8 +411,13 @@ class Daemon:
                 if emit_nowait is not None and req.get("stream"):
                     def on_log(record: dict) -> None:
                         emit_nowait({"event": "log", "job": job.id, "record": record})
-                res = await self.runner.run(job, profile, cancel=st.cancel, queued_ms=queued_s * 1000,
-                                            on_log=on_log, runtime=runtime)
+                jail = self.pools.take(profile, runtime) if self.pools is not None else None
+                try:
+                    res = await self.runner.run(job, profile, cancel=st.cancel, queued_ms=queued_s * 1000,
+                                                on_log=on_log, runtime=runtime, jail=jail)
+                finally:
+                    if jail is not None:
+                        self.pools.finished(jail)
             finally:
                 self.running -= 1
                 self._maybe_idle()
@@ -427,7 +450,9 @@ class Daemon:
         tenants = {t: dataclasses.asdict(ts) for t, ts in s.tenants.items()
                    if admin or (t in self.profiles and may_act_for(peer, self.profiles[t]))}
         out = {"running": s.running, "queued": s.queued, "concurrency": self.config.concurrency,
-               "tenants": tenants}
+               "tenants": tenants,
+               "pools": {k: dataclasses.asdict(p) for k, p in (self.pools.statistics().items() if self.pools else ())
+                         if admin or (p.tenant in self.profiles and may_act_for(peer, self.profiles[p.tenant]))}}
         if admin:
             out["profiles"] = {t: p.digest for t, p in sorted(self.profiles.items())}
         return out
@@ -501,7 +526,7 @@ def _clean_stale_job_dirs(jobs_dir: str) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if name.startswith("j-"):
+        if name.startswith(("j-", "w-")):  # cold (job id) and warm (jail name) jails
             shutil.rmtree(os.path.join(jobs_dir, name), ignore_errors=True)
 
 

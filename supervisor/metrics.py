@@ -60,6 +60,11 @@ class Gauge(_Metric):
         return self.header() + [f"{self.name}{_labels(self.label_names, k)} {v:g}" for k, v in sorted(values.items())]
 
 
+class CounterFn(Gauge):
+    """A counter kept elsewhere (e.g. the pools' own), read at scrape time."""
+    kind = "counter"
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -118,6 +123,10 @@ class Metrics:
         self.client_errors = r.add(Counter("jailer_client_errors_total", "Client requests refused", ("code",)))
         self.running = r.add(Gauge("jailer_running_jails", "Jails running now"))
         self.queued = r.add(Gauge("jailer_queue_depth", "Jobs waiting, by tenant", ("tenant",)))
+        self.pool_jails = r.add(Gauge("jailer_pool_jails", "Warm-pool jails by state (warm, starting, taken)",
+                                      ("tenant", "runtime", "state")))
+        self.pool_events = r.add(CounterFn("jailer_pool_events_total", "Warm-pool events (hits, misses, "
+                                           "cold_fallbacks, boot_failures, retired)", ("tenant", "runtime", "event")))
         self.reloads = r.add(Counter("jailer_reloads_total", "Profile reloads, by outcome", ("outcome",)))
 
 

@@ -109,7 +109,8 @@ class FakeRunner:
         self.b_long_cancelled = False
         self.tenants_run: list[str] = []
 
-    async def run(self, job, profile, *, cancel=None, queued_ms=0.0, on_log=None, runtime=None) -> Result:
+    async def run(self, job, profile, *, cancel=None, queued_ms=0.0, on_log=None, runtime=None, jail=None) -> Result:
+        assert jail is None  # no pools without serve()
         self.tenants_run.append(profile.tenant)
         if profile.tenant == "b" and job.code == HOLD:
             self.holding.set()
