@@ -541,8 +541,15 @@ class Jail:
         --die-with-parent kills the jail's pid 1, and with it the kernel SIGKILLs everything in its
         pid namespace (nothing there can fork any more). The cgroup kill in `destroy` (a worker
         thread) still follows, and checks the cgroup is empty."""
-        if self.proc is not None:
-            self.proc.kill()  # not yet reaped by us: its pid cannot have been reused
+        if self.proc is None:
+            return
+        if self.cg is not None and self.proc.returncode is None:
+            # Its pid 1 is orphaned to us (a child subreaper) when the monitor dies: reap it later.
+            try:
+                self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
+            except (OSError, CgroupError):
+                pass
+        self.proc.kill()  # not yet reaped by us: its pid cannot have been reused
 
     async def _cleanup(self, job_dir: str) -> None:
         if self.session is not None:
