@@ -365,6 +365,8 @@ class Jail:
 
         `profile` is the job's own (possibly lowered per request): wall, CPU, output and log limits
         are the host's to enforce, so they are taken from it."""
+        if self.job is not None:  # the invariant, not a tenant's doing: never a second job
+            raise RuntimeError(f"{self!r} already ran job {self.job.id}")
         self.t_taken = time.monotonic()
         self.job, self.job_profile, self.queued_ms = job, profile, queued_ms
         try:

@@ -317,3 +317,18 @@ def test_cleanup_stale_removes_leftovers(env):
     for parent in fresh.parent_paths:
         assert [n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))] == []
     assert fresh.cleanup_stale() == []
+
+
+def test_cpu_weight_maps_to_cpu_shares(env):
+    """Warm jails boot at a low CPU weight and are raised at delivery (v2 scale, 100 = default)."""
+    backend, _ = env
+    job = backend.create("weight", CgroupLimits(memory_max_bytes=32 * MiB, pids_max=4, cpu_max_cores=0))
+    shares = os.path.join(backend.describe()["hierarchies"]["cpu"], backend.parent, "weight", "cpu.shares")
+    assert _read(shares) == "1024"
+    job.set_cpu_weight(10)
+    assert _read(shares) == "102"
+    job.set_cpu_weight(100)
+    assert _read(shares) == "1024"
+    with pytest.raises(ValueError):
+        job.set_cpu_weight(0)
+    job.destroy()

@@ -332,3 +332,42 @@ async def test_concurrent_jobs_get_distinct_uids(jail_env, profile):
             n.start_soon(one)
     assert [r.status for r in results] == ["ok"] * 3
     assert len({r.result for r in results}) == 3
+
+
+# --- warm jails (the runner's half of warm pools; the pools themselves: test_pool.py) -----------
+
+def _cpu_weight_file(cg):
+    for d in cg.paths:
+        for name in ("cpu.weight", "cpu.shares"):  # v2, v1
+            if os.path.exists(os.path.join(d, name)):
+                return os.path.join(d, name)
+    raise AssertionError(f"no cpu weight file in {cg.paths}")
+
+
+@pytest.mark.parametrize("runtime,code,filename", [
+    ("node", "exports.handler = async (req) => ({got: req.n, fresh: !globalThis.__x && (globalThis.__x = 1)});",
+     "h.js"),
+    ("python", "import builtins\ndef handler(req, m):\n    fresh = not hasattr(builtins, '_x')\n"
+               "    builtins._x = 1\n    return {'got': req['n'], 'fresh': fresh}\n", "h.py"),
+])
+async def test_warm_jail_boots_low_priority_then_runs_one_job(jail_env, profile, nursery, runtime, code, filename):
+    prof = profile(FAST)
+    jail = jail_env.jail(prof, runtime, warm=True)
+    await nursery.start(jail.life)
+    assert jail.state == "ready", (jail.fail, jail.facts)
+    weight = _cpu_weight_file(jail.cg)
+    with open(weight) as f:
+        low = f.read().strip()
+    assert low in ("10", "102")  # BOOT_CPU_WEIGHT: v2 cpu.weight / v1 cpu.shares
+    await trio.sleep(0.2)  # waiting in the pool
+    res = (await jail_env.run(Job(filename, code, {"n": 7}), prof, jail=jail)).to_dict()
+    assert res["status"] == "ok", res
+    assert res["result"] == {"got": 7, "fresh": True} and res["timings"]["warm"] is True
+    # Accounting started at delivery: neither the runtime's start nor the wait is in the job's time.
+    assert res["usage"]["wall_ms"] < 200 and res["timings"]["start_ms"] < 200
+    assert jail.state == "done"
+    with pytest.raises(RuntimeError, match="already ran"):  # one job per jail, ever
+        await jail.execute(Job(filename, code, {"n": 8}), prof)
+    with trio.fail_after(10):  # and it is torn down after the result
+        while any(os.path.exists(p) for p in jail.cg.paths):
+            await trio.sleep(0.01)

@@ -676,3 +676,16 @@ def test_fake_file_set_is_linux_6_1():
         "memory.swap.events", "memory.swap.high", "memory.swap.max", "memory.zswap.current", "memory.zswap.max",
         "pids.current", "pids.events", "pids.max", "pids.peak",
     ]
+
+
+def test_cpu_weight_is_written_and_range_checked(tmp_path):
+    fake = FakeCgroup2FS()
+    backend = _detect(tmp_path, fake)
+    job = backend.create("j1", LIMITS)
+    fake.ops.clear()
+    job.set_cpu_weight(10)
+    job.set_cpu_weight(100)
+    assert fake.ops == [("write", f"{M}/jailer/j1/cpu.weight", "10"), ("write", f"{M}/jailer/j1/cpu.weight", "100")]
+    assert fake.read_text(f"{M}/jailer/j1/cpu.weight").strip() == "100"
+    with pytest.raises(ValueError):
+        job.set_cpu_weight(10001)
