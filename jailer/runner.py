@@ -385,6 +385,10 @@ class Jail:
                     control.start_soon(self._watch_cancel, cancel)
                 await self._drive(control)
                 control.cancel_scope.cancel()
+            if self.facts.killed_for is not None:
+                # A limit or a cancel: not the fast path. Let the exit status show the kill.
+                with trio.move_on_after(EXIT_GRACE_S):
+                    await self.exited.wait()
             return self._result()
         except OSError as e:
             log.exception("job %s: host failure", job.id)
