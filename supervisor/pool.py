@@ -237,6 +237,11 @@ class Pools:
             extra = len(pool.ready) - pool.target
             if extra > 0:
                 self._retire(pool, extra, "idle")
+        while self.total() > self.max_total:  # jails.pool_max lowered by a reload
+            fullest = max(self.pools.values(), key=lambda p: len(p.ready))
+            if not fullest.ready:
+                break  # only booting ones left over the cap: they are not replaced
+            self._retire(fullest, 1, "jails.pool_max lowered")
         # Round-robin over the pools so one big pool cannot starve the others of the total cap.
         progress = True
         while progress:

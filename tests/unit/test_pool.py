@@ -181,3 +181,15 @@ def test_warm_compatible():
     assert warm_compatible(base, lowered_wall)
     for change in ({"memory_bytes": 32 << 20}, {"pids": 4}, {"tmpfs_bytes": 1 << 20}):
         assert not warm_compatible(base, dataclasses.replace(base, limits=dataclasses.replace(base.limits, **change)))
+
+
+async def test_lowering_the_total_cap_retires_from_the_fullest_pool(pools, autojump_clock):
+    a = prof("a", '[runtime]\nname = "node"\n[pool]\nmin = 4\nmax = 4\n')
+    b = prof("b", '[runtime]\nname = "node"\n[pool]\nmin = 2\nmax = 2\n')
+    pools.configure({"a": a, "b": b})
+    await settle()
+    pools.max_total = 4  # a reload of the daemon config
+    pools.wake()
+    await settle()
+    s = pools.statistics()
+    assert (s["a/node"].warm, s["b/node"].warm) == (2, 2) and s["a/node"].retired == 2
