@@ -292,9 +292,16 @@ class Jail:
                          f"filesystem.ro_paths of tenant {self.profile.tenant!r}: {', '.join(missing)} "
                          "does not exist on this host")
             return listener
-        self.cg = self.r.cgroups.create(self.name, plan.cgroup_limits)
-        if self.warm:
-            self._set_cpu_weight(BOOT_CPU_WEIGHT)  # refills yield the CPU to running jobs
+        def create() -> JobCgroup:  # mkdir and limit writes in every hierarchy: off the event loop
+            cg = self.r.cgroups.create(self.name, plan.cgroup_limits)
+            if self.warm:
+                try:
+                    cg.set_cpu_weight(BOOT_CPU_WEIGHT)  # refills yield the CPU to running jobs
+                except CgroupError as e:  # a scheduling preference, not a protection
+                    log.warning("jail %s: %s", self.name, e)
+            return cg
+
+        self.cg = await trio.to_thread.run_sync(create)
 
         seccomp_fd = seccomp.program_fd(self.r.seccomp_bpf)  # sealed memfd, one per jail
         try:
@@ -421,8 +428,6 @@ class Jail:
         lim = self.job_profile.limits
         session, exited = self.session, self.exited
         # Accounting starts here so the runtime's own start is not charged.
-        if self.warm:
-            self._set_cpu_weight(JOB_CPU_WEIGHT)
         self.cpu_base_ns = self.cg.cpu_ns()
         job = self.job
         try:
@@ -431,6 +436,8 @@ class Jail:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # killed meanwhile (cancel) or died after hello: the facts and exit status decide
         self.t_delivered = time.monotonic()
+        if self.warm:  # after the send: the v1 cpu.shares write costs ~0.2 ms, the job need not wait
+            self._set_cpu_weight(JOB_CPU_WEIGHT)
         nursery.start_soon(session.serve)
         nursery.start_soon(self._watch_cpu)
 
@@ -567,15 +574,21 @@ class Jail:
             for s in (self.proc.stdout, self.proc.stderr):
                 if s is not None:
                     await s.aclose()
-        emptied = True
-        if self.cg is not None:
-            try:
-                await trio.to_thread.run_sync(self.cg.destroy)
-            except (OSError, CgroupError) as e:
-                emptied = False
-                log.error("jail %s: cgroup not removed: %s", self.name, e)
+        def remove() -> bool:
+            # A worker thread: cgroup removal and unlinking the socket (a mount point in the dying
+            # jail's mount namespace) block for up to ~1 ms in the kernel; the event loop must not.
+            emptied = True
+            if self.cg is not None:
+                try:
+                    self.cg.destroy()
+                except (OSError, CgroupError) as e:
+                    emptied = False
+                    log.error("jail %s: cgroup not removed: %s", self.name, e)
+            shutil.rmtree(job_dir, ignore_errors=True)
+            return emptied
+
+        emptied = await trio.to_thread.run_sync(remove)
         await _reap(self.orphans)
-        shutil.rmtree(job_dir, ignore_errors=True)
         if self.ident is not None and emptied:
             # Only now, and only if no process of this jail can be left to share the uid with
             # the next jail (a stuck one keeps its slot until the daemon restarts).
