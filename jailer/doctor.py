@@ -155,8 +155,23 @@ def check_runtime(name: str, path: str | None, args: list[str]) -> Check:
         return Check(name, False, str(e), required=False)
 
 
+def check_launcher() -> Check:
+    """Builds jailer-exec in a scratch directory: the daemon builds the same into its run dir."""
+    import tempfile
+
+    from . import launch
+
+    with tempfile.TemporaryDirectory() as d:
+        path, how = launch.build(d)
+    if path is None:
+        return Check("launcher", False, f"jailer-exec cannot be built ({how}): jails start through a Python "
+                     "preexec_fn, same protections, ~2.5 ms more daemon CPU per jail",
+                     "apt-get install gcc libc6-dev", required=False)
+    return Check("launcher", True, f"jailer-exec {how} (jails start via vfork)")
+
+
 def run_checks() -> list[Check]:
-    checks = [check_root(), check_bwrap(), check_userns(), *check_cgroups(), check_seccomp(),
+    checks = [check_root(), check_bwrap(), check_userns(), *check_cgroups(), check_seccomp(), check_launcher(),
               check_runtime("node", shutil.which("node"), ["--version"]),
               check_runtime("python", "/usr/bin/python3" if os.path.exists("/usr/bin/python3")
                             else shutil.which("python3"), ["--version"])]

@@ -371,3 +371,55 @@ async def test_warm_jail_boots_low_priority_then_runs_one_job(jail_env, profile,
     with trio.fail_after(10):  # and it is torn down after the result
         while any(os.path.exists(p) for p in jail.cg.paths):
             await trio.sleep(0.01)
+
+
+# --- how bwrap is started: jailer-exec (vfork) and the preexec_fn fallback apply the same steps ----
+
+CREDS = """
+import os, resource
+def handler(req, m):
+    status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)
+    return {'uid': os.getresuid(), 'gid': os.getresgid(), 'groups': os.getgroups(),
+            'nnp': status['NoNewPrivs'].strip(), 'cap_eff': status['CapEff'].strip(),
+            'nofile': resource.getrlimit(resource.RLIMIT_NOFILE), 'core': resource.getrlimit(resource.RLIMIT_CORE)}
+"""
+
+
+@pytest.mark.parametrize("use_exec_helper", [True, False], ids=["jailer-exec", "preexec_fn"])
+async def test_both_launchers_apply_the_same_credentials_and_limits(jail_env, profile, use_exec_helper):
+    from jailer.runner import Runner
+    runner = jail_env
+    if not use_exec_helper:  # same run dir, cgroup parent and uid range as the fixture's runner
+        runner = Runner(jail_env.run_dir, jail_env.cgroups, jail_env.identities, use_exec_helper=False)
+    assert (runner.exec_helper is not None) == use_exec_helper, runner.launcher
+    res = (await runner.run(Job("c.py", CREDS), profile(FAST + "open_files = 48\n"))).to_dict()
+    assert res["status"] == "ok", res
+    r = res["result"]
+    # The jail's uid is 0 inside its user namespace only if bwrap maps it: it does not, so the
+    # process is the slot's uid everywhere; no groups, no capabilities, no_new_privs, our rlimits.
+    assert r["uid"][0] == r["uid"][1] == r["uid"][2] and r["uid"][0] != 0
+    assert r["gid"][0] == r["gid"][1] == r["gid"][2] and r["gid"][0] != 0
+    assert r["groups"] in ([], [r["gid"][0]])
+    assert r["nnp"] == "1" and int(r["cap_eff"], 16) == 0
+    assert r["nofile"] == [48, 48] and r["core"] == [0, 0]
+    assert res["usage"]["cpu_ms"] > 0  # in the job's cgroup: its CPU is counted there
+
+
+def test_jailer_exec_fails_closed(jail_env, tmp_path):
+    """A step that fails stops before exec, says which, exits 127: no jail without its cgroup."""
+    import subprocess
+    from jailer import launch
+    helper = jail_env.exec_helper
+    assert helper is not None, jail_env.launcher
+    marker = tmp_path / "ran"
+    argv = launch.exec_argv(helper, (str(tmp_path / "missing" / "cgroup.procs"),), 700000, 700000, 64,
+                            os.getpid(), ["/bin/touch", str(marker)])
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 127 and "missing/cgroup.procs" in r.stderr and not marker.exists()
+    r = subprocess.run([helper, "1", "1", "64", str(os.getpid()), "/bin/true"], capture_output=True, text=True)
+    assert r.returncode == 127 and "--" in r.stderr
+    r = subprocess.run([helper, "x", "1", "64", str(os.getpid()), "--", "/bin/true"], capture_output=True, text=True)
+    assert r.returncode == 127 and "uid" in r.stderr
+    # a parent that is not ours: refuses (the death signal could not protect the jail)
+    r = subprocess.run(launch.exec_argv(helper, (), 700000, 700000, 64, 1, ["/bin/touch", str(marker)]))
+    assert r.returncode == 111 and not marker.exists()
