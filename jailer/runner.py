@@ -534,8 +534,9 @@ class Jail:
         thread) still follows, and checks the cgroup is empty."""
         if self.proc is None:
             return
-        if self.cg is not None and self.proc.returncode is None:
+        if self.cg is not None and self.proc.returncode is None and not self.orphans:
             # Its pid 1 is orphaned to us (a child subreaper) when the monitor dies: reap it later.
+            # (Noted at boot once the shim said hello; this is for a jail ended before that.)
             try:
                 self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
             except (OSError, CgroupError):
