@@ -193,3 +193,21 @@ async def test_lowering_the_total_cap_retires_from_the_fullest_pool(pools, autoj
     await settle()
     s = pools.statistics()
     assert (s["a/node"].warm, s["b/node"].warm) == (2, 2) and s["a/node"].retired == 2
+
+
+async def test_replacement_waits_for_the_job_unless_the_pool_runs_low(pools, autojump_clock):
+    a = prof("a", '[runtime]\nname = "node"\n[pool]\nmin = 4\nmax = 4\n')
+    pools.configure({"a": a})
+    await settle()
+    made = len(pools.runner_fake.made)
+    j1 = pools.take(a, "node")  # 3 of 4 still warm: the replacement waits for j1's job
+    await settle()
+    assert len(pools.runner_fake.made) == made and pools.statistics()["a/node"].warm == 3
+    pools.finished(j1)
+    await settle()
+    assert len(pools.runner_fake.made) == made + 1 and pools.statistics()["a/node"].warm == 4
+    taken = [pools.take(a, "node") for _ in range(3)]  # a burst: 1 of 4 left, refill at once
+    await settle()
+    assert pools.statistics()["a/node"].warm == 4 and pools.statistics()["a/node"].taken == 3
+    for j in taken:
+        pools.finished(j)
