@@ -178,6 +178,10 @@ async def test_empty_pool_falls_back_to_cold_and_grows(daemon_env, nursery):
             assert r["status"] == "ok" and r["timings"]["warm"] is True
             stats = (await c.stats())["pools"]["warm/python"]
             assert stats["cold_fallbacks"] == 2 and stats["misses"] == 1
+            text = d.metrics.registry.render()  # the same counters for Prometheus
+            assert 'jailer_pool_events_total{tenant="warm",runtime="python",event="misses"} 1' in text
+            assert 'jailer_pool_events_total{tenant="warm",runtime="python",event="hits"} 2' in text
+            assert 'jailer_pool_jails{tenant="warm",runtime="python",state="warm"}' in text
     finally:
         await d.shutdown()
 
