@@ -175,6 +175,7 @@ class Jail:
         self.proc: JailProcess | None = None
         self.session: BrokerSession | None = None
         self.exited = trio.Event()
+        self._listener: trio.socket.SocketType | None = None
         self._done = trio.Event()  # the job is over, or the jail is retired: tear down
         self.cpu_base_ns = 0
         self.orphans: set[int] = set()  # jail processes that may be reparented to us when killed
@@ -192,13 +193,12 @@ class Jail:
     async def life(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Boot; report started (ready or failed); wait for the job to end or a retire; tear down."""
         job_dir = os.path.join(self.r.jobs_dir, self.name)
-        listener = None
         self.state = "booting"
         self.t_boot = time.monotonic()
         try:
             async with trio.open_nursery() as io:
                 try:
-                    listener = await self._boot(io, job_dir)
+                    await self._boot(io, job_dir)
                 except NoFreeIdentity as e:
                     self.fail = ("no_identity", str(e))
                 except CgroupError as e:
@@ -210,8 +210,8 @@ class Jail:
                     log.exception("jail %s: failed to start", self.name)
                     self.fail = ("internal", f"{e.__class__.__name__}: {e}")
                 finally:
-                    if listener is not None:
-                        listener.close()  # exactly one connection per jail
+                    if self._listener is not None:
+                        self._listener.close()  # exactly one connection per jail
                 ready = self.fail is None and self.session is not None and self.facts.internal is None
                 if self.state != "dead":  # retired while booting stays retired
                     self.state = "ready" if ready else "failed"
@@ -247,14 +247,14 @@ class Jail:
             if self.on_dead is not None:
                 self.on_dead(self)
 
-    async def _boot(self, io: trio.Nursery, job_dir: str) -> trio.socket.SocketType | None:
+    async def _boot(self, io: trio.Nursery, job_dir: str) -> None:
         self.ident = self.r.identities.acquire()
         # Our own fresh directory: root-owned, group = the jail's gid, so only this jail's uid can
         # reach the socket inside. We never touch a jail-writable path by name.
         os.mkdir(job_dir, 0o750)
         os.chown(job_dir, 0, self.ident.gid)
         sock_path = os.path.join(job_dir, "broker.sock")
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener = self._listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         await listener.bind(sock_path)
         os.chmod(sock_path, 0o660)
         os.chown(sock_path, 0, self.ident.gid)
@@ -266,7 +266,7 @@ class Jail:
             self.fail = ("profile_path_missing",
                          f"filesystem.ro_paths of tenant {self.profile.tenant!r}: {', '.join(missing)} "
                          "does not exist on this host")
-            return listener
+            return
         def create() -> JobCgroup:  # mkdir and limit writes in every hierarchy: off the event loop
             cg = self.r.cgroups.create(self.name, plan.cgroup_limits)
             if self.warm:
@@ -322,7 +322,7 @@ class Jail:
         if self.session is None:
             if start_scope.cancelled_caught:
                 self.facts.internal = f"the jail did not connect within {START_TIMEOUT_S}s"
-            return listener
+            return
         try:
             with trio.fail_after(START_TIMEOUT_S):
                 await self.session.wait_hello()
@@ -330,11 +330,11 @@ class Jail:
                     await self.session.ping()  # the shim's first round trip pays its lazy compilation
         except (FrameError, trio.TooSlowError, trio.BrokenResourceError) as e:
             self.facts.internal = f"the runtime shim did not say hello: {e}"
-            return listener
+            return
         # bwrap's monitor exits as soon as the jail's pid 1 reports the exit code, orphaning pid 1
         # to us (a child subreaper): remember the jail's processes now so we can reap it.
         self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
-        return listener
+        return
 
     def _set_cpu_weight(self, weight: int) -> None:
         try:
@@ -544,6 +544,8 @@ class Jail:
         self.proc.kill()  # not yet reaped by us: its pid cannot have been reused
 
     async def _cleanup(self, job_dir: str) -> None:
+        if self._listener is not None:
+            self._listener.close()  # boot cancelled or failed midway
         if self.session is not None:
             await self.session.stream.aclose()
         self._kill_pid_namespace()

@@ -423,3 +423,20 @@ def test_jailer_exec_fails_closed(jail_env, tmp_path):
     # a parent that is not ours: refuses (the death signal could not protect the jail)
     r = subprocess.run(launch.exec_argv(helper, (), 700000, 700000, 64, 1, ["/bin/touch", str(marker)]))
     assert r.returncode == 111 and not marker.exists()
+
+
+async def test_cgroup_failure_fails_closed_and_leaks_nothing(jail_env, profile, monkeypatch):
+    """A jail whose cgroup cannot be made never starts (internal, reason cgroup); its socket, job
+    directory and uid slot are released (run it a few times: a leak would show in the fd count)."""
+    from jailer.cgroup import CgroupError
+
+    def refuse(name, limits):
+        raise CgroupError(f"cannot create job cgroup {name!r}: refused by the test")
+
+    monkeypatch.setattr(jail_env.cgroups, "create", refuse)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        r = (await jail_env.run(Job("h.py", "def handler(r, m):\n    return 1\n"), profile(FAST))).to_dict()
+        assert r["status"] == "internal" and r["reason"] == "cgroup" and "refused by the test" in r["error"]["message"]
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert os.listdir(jail_env.jobs_dir) == []
