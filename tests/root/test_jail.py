@@ -440,3 +440,22 @@ async def test_cgroup_failure_fails_closed_and_leaks_nothing(jail_env, profile, 
         assert r["status"] == "internal" and r["reason"] == "cgroup" and "refused by the test" in r["error"]["message"]
     assert len(os.listdir("/proc/self/fd")) == fds
     assert os.listdir(jail_env.jobs_dir) == []
+
+
+def test_jailer_exec_is_built_on_first_use_and_never_trusted_if_others_could_write_it(tmp_path):
+    import shutil as sh
+    from jailer import launch
+    src_dir, run_dir = tmp_path / "src", tmp_path / "run"
+    src_dir.mkdir()
+    run_dir.mkdir()
+    src = src_dir / "jailer-exec.c"
+    sh.copy(launch.SOURCE, src)  # no prebuilt binary next to this copy
+    path, how = launch.build(str(run_dir), str(src))
+    assert path is not None and path.startswith(str(run_dir)) and how.startswith("built with"), how
+    assert launch.build(str(run_dir), str(src)) == (path, "built earlier")
+    os.chmod(path, 0o777)  # group/world-writable: rebuilt, not used
+    path2, how2 = launch.build(str(run_dir), str(src))
+    assert how2.startswith("built with") and os.stat(path2).st_mode & 0o777 == 0o755
+    src.write_text(src.read_text() + "\n/* changed */\n")  # a changed source gets its own binary
+    path3, _ = launch.build(str(run_dir), str(src))
+    assert path3 != path2

@@ -253,3 +253,33 @@ async def test_sigterm_and_sigkill_leave_no_pooled_jail(daemon_env):
             reap_our_orphans()
             await trio.sleep(0.05)
     assert _cgroup_jails(daemon_env["tag"]) == []
+
+
+async def test_pool_stats_only_show_the_tenants_a_client_may_act_for(daemon_env, nursery):
+    """uid 5001 may act for alpha only: it sees alpha's pool, not warm's (root sees both)."""
+    import json
+    import subprocess
+
+    add_profile(daemon_env, "alpha", POOLED.format(min=1, max=1).replace("[limits]", '[runtime]\nname = "node"\n'
+                                                                          '[access]\nuids = [5001]\n[limits]'))
+    add_profile(daemon_env, "warm", POOLED.format(min=1, max=1))
+    d = Daemon(load_config(daemon_env["config"]), daemon_env["config"])
+    await nursery.start(d.serve)
+    script = textwrap.dedent(f"""
+        import json, socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({daemon_env['socket']!r})
+        s.sendall(b'{{"id": 1, "op": "stats"}}\\n')
+        print(json.dumps(sorted(json.loads(s.makefile().readline())["stats"]["pools"])))
+    """)
+    try:
+        async with AsyncClient.open(daemon_env["socket"]) as c:
+            await wait_warm(c, "alpha/node", 1)
+            assert {"alpha/node", "warm/node", "warm/python"} <= set((await c.stats())["pools"])
+        p = await trio.to_thread.run_sync(lambda: subprocess.run(
+            ["/usr/bin/python3", "-I", "-c", script], capture_output=True, text=True, user=5001, group=5001,
+            extra_groups=[], env={"PATH": "/usr/bin:/bin"}, timeout=60))
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout) == ["alpha/node"]
+    finally:
+        await d.shutdown()
