@@ -15,7 +15,7 @@ differ only in their pool (`warm`: [pool] min 4, max 8; `cold`: no pool) and pri
 and, with matplotlib (`pip install -e .[bench]`), latency CDFs to --plot.
 
 Usage (root): .venv/bin/python bench/bench_pool.py [-n 100] [--jobs 150] [--open-loop-jobs 300]
-              [--plot docs/bench-pool.png]
+              [--pool MIN,MAX] [--plot docs/bench-pool.png]
 """
 
 from __future__ import annotations
@@ -572,12 +572,15 @@ def plot(b: Bench, info: dict, path: str) -> None:
 # --- main ----------------------------------------------------------------------------------------
 
 def main() -> None:
+    global POOL_MIN, POOL_MAX
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=100, help="closed-loop latency samples per case")
     ap.add_argument("--jobs", type=int, default=150, help="jobs per throughput point")
     ap.add_argument("--open-loop-jobs", type=int, default=300, help="jobs per open-loop run")
+    ap.add_argument("--pool", default=f"{POOL_MIN},{POOL_MAX}", help="the warm tenant's [pool] min,max")
     ap.add_argument("--plot", default=None, help="write latency CDFs (PNG) here, e.g. docs/bench-pool.png")
     args = ap.parse_args()
+    POOL_MIN, POOL_MAX = (int(x) for x in args.pool.split(","))
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     if min(args.n, args.jobs, args.open_loop_jobs) < 1:
