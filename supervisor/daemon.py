@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import time
@@ -152,6 +153,11 @@ class Daemon:
         cfg = self.config
         run_dir = cfg.run_dir
         os.makedirs(run_dir, mode=0o711, exist_ok=True)
+        # ~5 fds per jail (warm ones too) and one per client: take the hard limit, not the soft
+        # 1024. Jails do not inherit it: jailer-exec sets their own limits.open_files.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.makedirs(cfg.get("paths", "state_dir"), mode=0o700, exist_ok=True)
         try:
             self.cgroups = detect(cfg.get("jails", "cgroup_parent"))
