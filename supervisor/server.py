@@ -122,9 +122,24 @@ async def handle_connection(daemon: Daemon, stream: trio.SocketStream) -> None:
     except OSError:
         await stream.aclose()
         return
+    cfg = daemon.config
+    if len(daemon.connections) >= cfg.get("server", "max_connections"):
+        # Say why, then close: the client can retry; everyone already connected is unaffected.
+        daemon.metrics.client_errors.inc("too_many_connections")
+        log.warning("connection refused: server.max_connections reached", extra={"event": "conn_refused",
+                                                                                  "uid": peer.uid})
+        with trio.move_on_after(1):
+            try:
+                await stream.send_all(encode({"id": None, "ok": False, "error": {
+                    "code": "too_many_connections",
+                    "message": f"the daemon has {len(daemon.connections)} client connections "
+                               "(server.max_connections); retry later"}}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await stream.aclose()
+        return
     conn = Connection(daemon, stream, peer)
     daemon.connections.add(conn)
-    cfg = daemon.config
     reader = FrameReader(stream, cfg.get("server", "max_frame"))
     max_in_flight = cfg.get("server", "max_in_flight")
     lost = False

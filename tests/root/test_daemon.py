@@ -442,3 +442,36 @@ async def test_sigkill_leaves_no_jail_and_restart_is_clean(daemon_env):
         if not processes_with_uid_in(daemon_env["uid_base"], UID_COUNT):
             break
         await trio.sleep(0.05)
+
+
+async def test_connections_beyond_max_connections_get_an_error_and_the_rest_are_served(daemon_env, nursery):
+    import socket as pysocket
+    text = open(daemon_env["config"]).read().replace('socket_mode = "0666"', 'socket_mode = "0666"\nmax_connections = 2')
+    with open(daemon_env["config"], "w") as f:
+        f.write(text)
+    d = Daemon(load_config(daemon_env["config"]), daemon_env["config"])
+    await nursery.start(d.serve)
+    try:
+        async with AsyncClient.open(daemon_env["socket"]) as a, AsyncClient.open(daemon_env["socket"]) as b:
+            await a.ping()
+            await b.ping()
+
+            def third():
+                with pysocket.socket(pysocket.AF_UNIX) as s:
+                    s.settimeout(10)
+                    s.connect(daemon_env["socket"])
+                    f = s.makefile("rb")
+                    return json.loads(f.readline()), f.readline()
+
+            refused, after = await trio.to_thread.run_sync(third)
+            assert refused["ok"] is False and refused["error"]["code"] == "too_many_connections", refused
+            assert after == b""  # closed
+            r = await a.submit("beta", code=PY_OK, filename="h.py", input={"who": "beta", "n": 1})
+            assert r["status"] == "ok"  # those already connected are served as before
+        with trio.fail_after(5):
+            while d.connections:
+                await trio.sleep(0.01)
+        async with AsyncClient.open(daemon_env["socket"]) as c:  # room again
+            assert (await c.ping())["pong"] is True
+    finally:
+        await d.shutdown()
