@@ -25,7 +25,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_run import HELLO, pct, raw_argv, run_raw  # noqa: E402
+from bench.bench_run import HELLO, pct, raw_argv, run_raw, write_hello_scripts  # noqa: E402
 from jailer import seccomp  # noqa: E402
 from jailer.cgroup import detect  # noqa: E402
 from jailer.client import AsyncClient  # noqa: E402
@@ -70,13 +70,7 @@ def main() -> None:
     backend = detect("jailer-bench-r")
     runner = Runner("/run/jailer-bench-r", backend, IdentityPool("/run/jailer-bench-r/uids", 560000, 64),
                     layout=layout)
-    files = {}
-    for rt, (name, handler, script) in HELLO.items():
-        sp = os.path.join(tmp, "script-" + name)
-        with open(sp, "w") as f:
-            f.write(script)
-        os.chmod(sp, 0o644)
-        files[rt] = sp
+    files = write_hello_scripts(tmp)
     lat: dict[str, list[float]] = {}
     thr: dict[str, float] = {}
     cpu_per_job = {}

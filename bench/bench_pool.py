@@ -41,7 +41,7 @@ import trio
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.bench_run import HELLO, pct, raw_argv, run_raw  # noqa: E402
+from bench.bench_run import HELLO, pct, raw_argv, run_raw, write_hello_scripts  # noqa: E402
 from jailer import seccomp  # noqa: E402
 from jailer.cgroup import detect  # noqa: E402
 from jailer.client import AsyncClient  # noqa: E402
@@ -596,13 +596,7 @@ def main() -> None:
         f.write(LIMITS + f'[pool]\nmin = {POOL_MIN}\nmax = {POOL_MAX}\nidle = "60s"\n')
     with open(os.path.join(profiles, "cold.toml"), "w") as f:
         f.write(LIMITS)
-    files = {}
-    for rt, (name, _, script) in HELLO.items():
-        sp = os.path.join(tmp, "script-" + name)
-        with open(sp, "w") as f:
-            f.write(script)
-        os.chmod(sp, 0o644)
-        files[rt] = sp
+    files = write_hello_scripts(tmp)
     log_path = os.path.join(tmp, "daemon.log")
     daemon = None
     bench = None

@@ -45,6 +45,18 @@ HELLO = {
 UID = 530000
 
 
+def write_hello_scripts(directory: str) -> dict[str, str]:
+    """The script-mode hello of each runtime as a world-readable file (for raw bwrap and bare runs)."""
+    files = {}
+    for rt, (name, _, script) in HELLO.items():
+        sp = os.path.join(directory, "script-" + name)
+        with open(sp, "w") as f:
+            f.write(script)
+        os.chmod(sp, 0o644)
+        files[rt] = sp
+    return files
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -94,16 +106,13 @@ def main() -> None:
            "JAILER_CGROUP_PARENT": "jailer-bench"}
     samples: dict[str, list[float]] = {}
     try:
+        scripts = write_hello_scripts(tmp)
         files = {}
-        for rt, (name, handler, script) in HELLO.items():
+        for rt, (name, handler, _) in HELLO.items():
             hp = os.path.join(tmp, name)
             with open(hp, "w") as f:
                 f.write(handler)
-            sp = os.path.join(tmp, "script-" + name)
-            with open(sp, "w") as f:
-                f.write(script)
-            os.chmod(sp, 0o644)
-            files[rt] = (hp, sp, handler)
+            files[rt] = (hp, scripts[rt], handler)
 
         async def inproc(rt: str) -> float:
             name, handler, _ = HELLO[rt]

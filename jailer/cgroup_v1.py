@@ -178,9 +178,7 @@ class CgroupV1Job(JobCgroup):
                 except FileNotFoundError:
                     pass
 
-    def set_cpu_weight(self, weight: int) -> None:
-        if not 1 <= weight <= 10000:
-            raise ValueError(f"cpu weight must be in 1..10000, got {weight!r}")
+    def _write_cpu_weight(self, weight: int) -> None:
         path = os.path.join(self._dirs["cpu"], "cpu.shares")
         shares = max(2, weight * 1024 // 100)  # v1 default 1024 = v2 default 100; kernel minimum 2
         try:

@@ -196,9 +196,7 @@ class CgroupV2Job(JobCgroup):
                 except FileNotFoundError:
                     pass
 
-    def set_cpu_weight(self, weight: int) -> None:
-        if not 1 <= weight <= 10000:
-            raise ValueError(f"cpu weight must be in 1..10000, got {weight!r}")
+    def _write_cpu_weight(self, weight: int) -> None:
         path = os.path.join(self.path, "cpu.weight")
         try:
             self._fs.write_text(path, str(weight))

@@ -48,7 +48,7 @@ def build(run_dir: str, source: str = SOURCE) -> tuple[str | None, str]:
         return None, "no C compiler (cc/gcc) on PATH"
     fd, tmp = tempfile.mkstemp(prefix=".jailer-exec-", dir=run_dir)
     os.close(fd)
-    errors = ""
+    error = ""
     try:
         for flags in (["-static"], []):  # static: no dynamic loader work at each exec
             r = subprocess.run([cc, "-O2", "-Wall", *flags, "-o", tmp, source], capture_output=True, text=True)
@@ -56,8 +56,8 @@ def build(run_dir: str, source: str = SOURCE) -> tuple[str | None, str]:
                 os.chmod(tmp, 0o755)
                 os.rename(tmp, path)  # atomic: concurrent builders end with the same file
                 return path, f"built with {cc} {' '.join(flags)}".rstrip()
-            errors = r.stderr.strip().splitlines()[-1:] and r.stderr.strip().splitlines()[-1]
-        return None, f"{cc} failed: {errors}"
+            error = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        return None, f"{cc} failed: {error}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

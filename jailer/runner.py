@@ -98,7 +98,7 @@ class Runner:
         self.background: trio.Nursery | None = None
         self.seccomp_bpf = seccomp.compile_filter()  # compiled once; installed in every jail
         self.spawner = Spawner()  # forks from one long-lived thread (PR_SET_PDEATHSIG is per thread)
-        # Orphaned jail processes come to us, not to the host's init (see Jail.kill_quietly).
+        # Orphaned jail processes come to us, not to the host's init (see Jail._note_orphans).
         prctl.set_child_subreaper(1)
         # The jail uids must traverse these to reach their own socket, and list nothing.
         for d in (run_dir, self.jobs_dir):
@@ -166,7 +166,7 @@ class Jail:
         self.warm = warm
         self.state = "new"
         self.fail: tuple[str, str] | None = None  # (reason, message): jailer's own failure at boot
-        self.on_dead: Callable[["Jail"], None] | None = None  # a pooled jail died or was retired
+        self.on_dead: Callable[["Jail"], None] | None = None  # a pooled jail died while waiting
         self.facts = Facts()
         self.output = CappedOutput(profile.limits.output_bytes)
         self.logs = LogSink(profile.limits.log_bytes)
@@ -179,7 +179,7 @@ class Jail:
         self._done = trio.Event()  # the job is over, or the jail is retired: tear down
         self.cpu_base_ns = 0
         self.orphans: set[int] = set()  # jail processes that may be reparented to us when killed
-        self.t_boot = self.t_ready = self.t_taken = self.t_delivered = self.t_result = None
+        self.t_boot = self.t_taken = self.t_delivered = self.t_result = None
         # Set by execute:
         self.job: Job | None = None
         self.job_profile = profile
@@ -215,7 +215,6 @@ class Jail:
                 ready = self.fail is None and self.session is not None and self.facts.internal is None
                 if self.state != "dead":  # retired while booting stays retired
                     self.state = "ready" if ready else "failed"
-                self.t_ready = time.monotonic()
                 task_status.started()
                 if ready and self.warm:
                     io.start_soon(self._watch_idle_death)
@@ -242,8 +241,7 @@ class Jail:
     async def _watch_idle_death(self) -> None:
         await self.exited.wait()
         if self.state == "ready":  # died while waiting in the pool: never hand it out
-            self.state = "dead"
-            self._done.set()
+            self.retire()
             if self.on_dead is not None:
                 self.on_dead(self)
 
@@ -270,10 +268,7 @@ class Jail:
         def create() -> JobCgroup:  # mkdir and limit writes in every hierarchy: off the event loop
             cg = self.r.cgroups.create(self.name, plan.cgroup_limits)
             if self.warm:
-                try:
-                    cg.set_cpu_weight(BOOT_CPU_WEIGHT)  # refills yield the CPU to running jobs
-                except CgroupError as e:  # a scheduling preference, not a protection
-                    log.warning("jail %s: %s", self.name, e)
+                self._set_cpu_weight(cg, BOOT_CPU_WEIGHT)  # refills yield the CPU to running jobs
             return cg
 
         self.cg = await trio.to_thread.run_sync(create)
@@ -331,14 +326,16 @@ class Jail:
         except (FrameError, trio.TooSlowError, trio.BrokenResourceError) as e:
             self.facts.internal = f"the runtime shim did not say hello: {e}"
             return
-        # bwrap's monitor exits as soon as the jail's pid 1 reports the exit code, orphaning pid 1
-        # to us (a child subreaper): remember the jail's processes now so we can reap it.
-        self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
-        return
+        self._note_orphans()
 
-    def _set_cpu_weight(self, weight: int) -> None:
+    def _note_orphans(self) -> None:
+        """bwrap's monitor exits as soon as the jail's pid 1 reports the exit code (or when we kill
+        it), orphaning pid 1 to us, a child subreaper: remember the jail's processes to reap it."""
+        self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
+
+    def _set_cpu_weight(self, cg: JobCgroup, weight: int) -> None:
         try:
-            self.cg.set_cpu_weight(weight)
+            cg.set_cpu_weight(weight)
         except CgroupError as e:  # a scheduling preference, not a protection: run without it
             log.warning("jail %s: %s", self.name, e)
 
@@ -391,10 +388,8 @@ class Jail:
     def kill_quietly(self) -> None:
         if self.cg is not None:
             try:
-                # Killing bwrap's monitor and the jail's pid 1 together orphans pid 1: note it so
-                # we (a child subreaper) reap it instead of leaving a zombie to the host's init.
                 if self.proc is not None:
-                    self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
+                    self._note_orphans()  # killed together with the monitor, pid 1 comes to us
                 self.cg.kill()
             except (OSError, CgroupError) as e:
                 log.warning("jail %s: cgroup kill failed: %s", self.name, e)
@@ -415,7 +410,7 @@ class Jail:
             return  # killed meanwhile (cancel) or died after hello: the facts and exit status decide
         self.t_delivered = time.monotonic()
         if self.warm:  # after the send: the v1 cpu.shares write costs ~0.2 ms, the job need not wait
-            self._set_cpu_weight(JOB_CPU_WEIGHT)
+            self._set_cpu_weight(self.cg, JOB_CPU_WEIGHT)
         nursery.start_soon(session.serve)
         nursery.start_soon(self._watch_cpu)
 
@@ -535,10 +530,8 @@ class Jail:
         if self.proc is None:
             return
         if self.cg is not None and self.proc.returncode is None and not self.orphans:
-            # Its pid 1 is orphaned to us (a child subreaper) when the monitor dies: reap it later.
-            # (Noted at boot once the shim said hello; this is for a jail ended before that.)
             try:
-                self.orphans.update(p for p in self.cg.pids() if p != self.proc.pid)
+                self._note_orphans()  # done at boot after hello; this is for a jail ended before
             except (OSError, CgroupError):
                 pass
         self.proc.kill()  # not yet reaped by us: its pid cannot have been reused

@@ -79,7 +79,7 @@ class Pool:
         self.backoff_s = 0.0
         self.retry_at = 0.0
         self.last_error: str | None = None
-        self.hits = self.misses = self.cold_fallbacks = self.boot_failures = self.retired = 0
+        self.hits = self.misses = self.lowered = self.boot_failures = self.retired = 0  # lowered: see take
 
     @property
     def size(self) -> int:
@@ -88,7 +88,7 @@ class Pool:
     def stats(self) -> PoolStats:
         p = self.profile.pool
         return PoolStats(self.tenant, self.runtime, p.min, p.max, self.target, len(self.ready), len(self.booting),
-                         self.taken, self.hits, self.misses, self.cold_fallbacks, self.boot_failures, self.retired,
+                         self.taken, self.hits, self.misses, self.misses + self.lowered, self.boot_failures, self.retired,
                          self.last_error)
 
     def __repr__(self) -> str:
@@ -143,9 +143,7 @@ class Pools:
         for key, pool in self.pools.items():
             new = wanted.get(key)
             if new is None or new.digest != pool.profile.digest:
-                self._retire(pool, len(pool.ready), "profile changed" if new else "pool removed")
-                for jail in list(pool.booting):
-                    jail.retire()  # still booting under the old policy: retired when it reports
+                self._retire_pool(pool, "profile changed" if new else "pool removed")
         for key, prof in wanted.items():
             pool = self.pools.get(key)
             if pool is None:
@@ -179,7 +177,7 @@ class Pools:
             return None
         pool.last_take = trio.current_time()
         if not warm_compatible(pool.profile, profile):
-            pool.cold_fallbacks += 1  # lowered memory/pids/tmpfs: a jail built for this request
+            pool.lowered += 1  # lowered memory/pids/tmpfs: a jail built for this request, cold
             return None
         while pool.ready:
             jail = pool.ready.popleft()
@@ -189,7 +187,6 @@ class Pools:
                 self.wake()  # its replacement is due now (see _missing: maybe after this job)
                 return jail
         pool.misses += 1
-        pool.cold_fallbacks += 1
         pool.target = min(pool.target + 1, pool.profile.pool.max)  # a burst: widen the pool
         self.wake()
         return None
@@ -307,8 +304,11 @@ class Pools:
             log.info("retired %d warm jails of %s/%s: %s", count, pool.tenant, pool.runtime, why,
                      extra={"event": "pool_retire", "tenant": pool.tenant})
 
+    def _retire_pool(self, pool: Pool, why: str) -> None:
+        self._retire(pool, len(pool.ready), why)
+        for jail in list(pool.booting):
+            jail.retire()  # booting under the old policy (or shutting down): retired when it reports
+
     def _retire_all(self) -> None:
         for pool in self.pools.values():
-            self._retire(pool, len(pool.ready), "shutdown")
-            for jail in list(pool.booting):
-                jail.retire()
+            self._retire_pool(pool, "shutdown")
